@@ -1,0 +1,52 @@
+"""`kt-jax` command line: one subcommand per stage; project errors print as one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from kt_jax.errors import KtJaxError
+
+# name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int. Imported lazily so
+# `kt-jax --help` stays fast and a stage's heavy imports load only when that stage runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("kt_jax.commands.info", "load a HF Llama checkpoint onto a mesh and print its config and layout"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kt-jax", description="KnowTuning in JAX/Flax")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.version:
+        from kt_jax import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    sub = argparse.ArgumentParser(prog=f"kt-jax {args.command}", description=COMMANDS[args.command][1])
+    module.add_arguments(sub)
+    sub_args = sub.parse_args(argv[argv.index(args.command) + 1 :])
+    try:
+        return int(module.run(sub_args) or 0)
+    except KtJaxError as e:
+        print(f"kt-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Flax NNX Llama (Llama-2 MHA and Llama-3.x GQA) with packed-sequence support and logical axis names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from kt_jax.errors import CheckpointError
+from kt_jax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from kt_jax.sharding import ShardingRules, logical_sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture plus numerics. Hashable: it is part of the model's static graph."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_scaling/rope_parameters items
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    remat: bool = False  # rematerialise each block in the backward pass
+    hf_extra_json: str = "{}"  # config.json fields kept only to write them back on export
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise CheckpointError(f"{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def hf_extra(self) -> dict[str, Any]:
+        return json.loads(self.hf_extra_json)
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * d * f + 2 * d
+        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardContext:
+    """Mesh + rules the model uses to constrain activation layouts inside jit (static, hashable)."""
+
+    mesh: Mesh
+    rules: ShardingRules = dataclasses.field(default_factory=ShardingRules)
+
+    def constrain(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+        sharding = logical_sharding(logical_axes, x.shape, self.mesh, self.rules, what="activation")
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _constrain(ctx: ShardContext | None, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    return x if ctx is None else ctx.constrain(x, axes)
+
+
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, init: str = "normal"
+) -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel, kernel [in, out] with logical axes; no bias (as in Llama)."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (d_in, d_out), axes, DTYPES[cfg.param_dtype])
+        self.dtype = DTYPES[cfg.dtype]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), ("norm",), DTYPES[cfg.param_dtype], init="ones")
+        self.eps = cfg.rms_norm_eps
+        self.dtype = DTYPES[cfg.dtype]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.get_value().astype(self.dtype) * x32.astype(self.dtype)
+
+
+def attention_mask(
+    segment_ids_BxT: jax.Array | None, extra_mask_BxTxS: jax.Array | None, batch: int, length: int
+) -> jax.Array:
+    """Boolean [B, T, T]: causal, within the same segment, and within `extra_mask` when given."""
+    idx = jnp.arange(length)
+    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (batch, length, length))
+    if segment_ids_BxT is not None:
+        mask = mask & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+    if extra_mask_BxTxS is not None:
+        mask = mask & extra_mask_BxTxS.astype(bool)
+    return mask
+
+
+def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention in float32 logits; returns [B, T, H, D] in the query dtype."""
+    b, t, h, d = q_BxTxHxD.shape
+    kv = k_BxSxKxD.shape[2]
+    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(d))
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    return out_BxTxKxGxD.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), cfg, rngs)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs)
+        self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), cfg, rngs)
+
+    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
+        b, t, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out_BxTxHxD = dot_attention(q, k, v, mask_BxTxS)
+        return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg, rngs)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
+        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask_BxTxS)
+        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama. `model(input_ids)` -> logits [B, T, V] (float32)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs, shard_ctx: ShardContext | None = None):
+        self.config = cfg
+        self.shard_ctx = shard_ctx
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), DTYPES[cfg.param_dtype])
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)]) if hasattr(nnx, "List") else [
+            Block(cfg, rngs) for _ in range(cfg.num_layers)
+        ]
+        self.norm = RMSNorm(cfg.hidden_size, cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
+
+    def hidden_states(
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+        attn_mask_BxTxT: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D] in the compute dtype.
+
+        positions restart per packed segment (default 0..T-1); attention stays causal, inside equal
+        segment ids, and inside `attn_mask` (e.g. prefix-shared scoring) when given.
+        """
+        cfg, ctx = self.config, self.shard_ctx
+        b, t = input_ids_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+        mask = attention_mask(segment_ids_BxT, attn_mask_BxTxT, b, t)
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        cos, sin = rotary_cos_sin(positions_BxT, inv_freq)
+        x = jnp.take(self.embed_tokens.get_value(), input_ids_BxT, axis=0).astype(DTYPES[cfg.dtype])
+        x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
+        for block in self.layers:
+            if cfg.remat:
+                x = nnx.remat(lambda blk, *args: blk(*args))(block, x, cos, sin, mask)
+            else:
+                x = block(x, cos, sin, mask)
+            x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
+        return self.norm(x)
+
+    def lm_head_kernel(self) -> jax.Array:
+        """The output projection [D, V] in the compute dtype (the embedding transposed when tied)."""
+        dtype = DTYPES[self.config.dtype]
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.get_value().T.astype(dtype)
+        return self.lm_head.kernel.get_value().astype(dtype)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """Logits [B, T, V] in float32 from hidden states."""
+        out = jnp.dot(hidden_BxTxD, self.lm_head_kernel(), preferred_element_type=jnp.float32)
+        return _constrain(self.shard_ctx, out, ("batch", "seq", "act_vocab"))
+
+    def __call__(
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+        attn_mask_BxTxT: jax.Array | None = None,
+    ) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, segment_ids_BxT, attn_mask_BxTxT))

@@ -1,0 +1,211 @@
+"""Device mesh over axes (data, fsdp, tensor) and the ONE table mapping logical axis names to mesh axes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kt_jax.errors import ShardingError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+MeshAxes = str | tuple[str, ...] | None
+
+# Logical axis name -> mesh axis (or axes, or None = replicated). Parameters and activations name their
+# dimensions logically; changing the parallelism is changing the mesh shape, never the model.
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    # activations
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",  # q projection output (num_heads * head_dim), o projection input
+    "kv_heads": "tensor",  # k/v projection output (num_kv_heads * head_dim)
+    "mlp": "tensor",
+    "norm": None,
+    "lora_rank": None,
+    "layers": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical-to-mesh axis rules; `spec()` checks names and that no mesh axis is used twice."""
+
+    rules: tuple[tuple[str, MeshAxes], ...] = tuple(DEFAULT_RULES.items())
+
+    @classmethod
+    def from_dict(cls, rules: dict[str, MeshAxes] | None = None) -> ShardingRules:
+        merged = dict(DEFAULT_RULES)
+        merged.update(rules or {})
+        for name, axes in merged.items():
+            for axis in _as_tuple(axes):
+                if axis not in MESH_AXES:
+                    raise ShardingError(f"rule {name!r} maps to unknown mesh axis {axis!r}; mesh axes: {MESH_AXES}")
+        return cls(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in merged.items()))
+
+    def mesh_axes(self, logical: str | None) -> MeshAxes:
+        if logical is None:
+            return None
+        table = dict(self.rules)
+        if logical not in table:
+            raise ShardingError(f"unknown logical axis name {logical!r}; known: {sorted(table)}")
+        return table[logical]
+
+    def spec(self, logical_axes: Sequence[str | None]) -> PartitionSpec:
+        """PartitionSpec for a tensor whose dimensions carry these logical names."""
+        parts = [self.mesh_axes(name) for name in logical_axes]
+        used: dict[str, str | None] = {}
+        for name, axes in zip(logical_axes, parts, strict=True):
+            for axis in _as_tuple(axes):
+                if axis in used:
+                    raise ShardingError(
+                        f"mesh axis {axis!r} used twice in {tuple(logical_axes)} (by {used[axis]!r} and {name!r})"
+                    )
+                used[axis] = name
+        return PartitionSpec(*parts)
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A Mesh over axes (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ShardingError("at most one mesh axis size may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ShardingError(f"mesh axis sizes must be positive (or -1): {dict(zip(MESH_AXES, sizes, strict=True))}")
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ShardingError(f"{len(devices)} devices do not divide into mesh {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    total = int(np.prod(sizes))
+    if total != len(devices):
+        raise ShardingError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {total} devices, {len(devices)} are available"
+        )
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(sizes), devices=devices)
+    except Exception:  # non-TPU topologies that mesh_utils cannot lay out: plain order is fine there
+        grid = np.asarray(devices, dtype=object).reshape(sizes)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None:  # Auto axes: GSPMD propagation (Explicit breaks embedding gathers)
+        return Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES))
+    return Mesh(grid, MESH_AXES)
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: str) -> PartitionSpec:
+    """Drop sharding on dimensions the mesh axes do not divide evenly (they stay replicated)."""
+    parts = list(spec) + [None] * (len(shape) - len(spec))
+    for i, axes in enumerate(parts):
+        n = int(np.prod([mesh.shape[a] for a in _as_tuple(axes)])) if axes else 1
+        if n > 1 and shape[i] % n:
+            log.warning("%s: dim %d (size %d) not divisible by %s=%d; replicated", what, i, shape[i], axes, n)
+            parts[i] = None
+    return PartitionSpec(*parts)
+
+
+def logical_sharding(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: ShardingRules | None = None,
+    what: str = "tensor",
+) -> NamedSharding:
+    """NamedSharding for a tensor of `shape` whose dimensions carry `logical_axes`."""
+    rules = rules or ShardingRules()
+    if len(logical_axes) != len(shape):
+        raise ShardingError(f"{what}: {len(logical_axes)} logical axes {tuple(logical_axes)} for shape {tuple(shape)}")
+    return NamedSharding(mesh, _fit_spec(rules.spec(logical_axes), shape, mesh, what))
+
+
+def variable_axes(var: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axis names stored on an NNX variable, or an error naming it."""
+    axes = var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
+    if axes is None:
+        axes = getattr(var, "logical_axes", None)
+    if axes is None:
+        raise ShardingError(f"variable of shape {getattr(var.get_value(), 'shape', '?')} has no logical_axes metadata")
+    return tuple(axes)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+    """A pytree matching `state` whose leaves are the NamedShardings the rules give each variable."""
+
+    def one(path: tuple[Any, ...], var: nnx.Variable) -> NamedSharding:
+        name = "/".join(str(p) for p in path)
+        return logical_sharding(variable_axes(var), var.get_value().shape, mesh, rules, what=name)
+
+    return _map_state(one, state)
+
+
+def _map_state(fn: Any, state: nnx.State) -> Any:
+    flat = dict(nnx.to_flat_state(state))
+    return nnx.from_flat_state({path: fn(path, var) for path, var in flat.items()})
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules | None = None) -> nnx.Module:
+    """Place every parameter of `model` (in place) onto the mesh as the rules say; returns the model."""
+    state = nnx.state(model)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        name = "/".join(str(p) for p in path)
+        sharding = logical_sharding(variable_axes(var), var.get_value().shape, mesh, rules, what=name)
+        var.set_value(jax.device_put(var.get_value(), sharding))
+    nnx.update(model, state)
+    return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: ShardingRules | None = None) -> NamedSharding:
+    """Sharding for a [B, ...] batch: batch over the rules' 'batch' axes, other dims replicated."""
+    rules = rules or ShardingRules()
+    return NamedSharding(mesh, PartitionSpec(rules.mesh_axes("batch"), *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+    """Put a pytree of host arrays (global batch, identical on every process) onto the mesh, batch-sharded."""
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, batch)
+
+
+def batch_axis_size(mesh: Mesh, rules: ShardingRules | None = None) -> int:
+    """How many ways the batch dimension is split on this mesh (global batch sizes must be multiples)."""
+    rules = rules or ShardingRules()
+    return int(np.prod([mesh.shape[a] for a in _as_tuple(rules.mesh_axes("batch"))]))
+
+
+def add_mesh_arguments(parser: Any) -> None:
+    """--mesh-data/--mesh-fsdp/--mesh-tensor options (one may be -1: all remaining devices)."""
+    parser.add_argument("--mesh-data", type=int, default=1, help="data-parallel axis size")
+    parser.add_argument("--mesh-fsdp", type=int, default=-1, help="FSDP axis size (-1: remaining devices)")
+    parser.add_argument("--mesh-tensor", type=int, default=1, help="tensor-parallel axis size")
+
+
+def mesh_from_args(args: Any) -> Mesh:
+    """The Mesh named by add_mesh_arguments' options."""
+    return make_mesh(args.mesh_data, args.mesh_fsdp, args.mesh_tensor)
