@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +163,21 @@ class Attention(nnx.Module):
         out_BxTxHxD = dot_attention(q, k, v, mask_BxTxS)
         return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim))
 
+    def cached(
+        self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+        mask_BxTxS: jax.Array, index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of T new tokens written into cache slots [index, index + T); returns (out, k, v caches)."""
+        b, t, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(k_BxSxKxD, k.astype(k_BxSxKxD.dtype), index, axis=1)
+        v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(v_BxSxKxD, v.astype(v_BxSxKxD.dtype), index, axis=1)
+        out_BxTxHxD = dot_attention(q, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+        return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim)), k_BxSxKxD, v_BxSxKxD
+
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
@@ -187,6 +202,26 @@ class Block(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
         x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask_BxTxS)
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+    def cached(
+        self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: jax.Array, mask_BxTxS: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block on T new tokens with this layer's KV cache; returns (x, k cache, v cache)."""
+        attn, k, v = self.self_attn.cached(self.input_layernorm(x_BxTxD), cos, sin, k, v, mask_BxTxS, index)
+        x_BxTxD = x_BxTxD + attn
+        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), k, v
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values [B, S, K, D] (RoPE applied) and which slots hold real tokens [B, S]."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    valid_BxS: jax.Array
+
+
+_CACHE_AXES = ("batch", "seq", "act_heads", None)
 
 
 class Llama(nnx.Module):
@@ -231,6 +266,42 @@ class Llama(nnx.Module):
                 x = block(x, cos, sin, mask)
             x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
         return self.norm(x)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache for `batch` rows of `length` slots in the compute dtype."""
+        cfg = self.config
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = lambda: _constrain(self.shard_ctx, jnp.zeros(shape, DTYPES[cfg.dtype]), _CACHE_AXES)
+        return KVCache(tuple(zeros() for _ in range(cfg.num_layers)), tuple(zeros() for _ in range(cfg.num_layers)),
+                       jnp.zeros((batch, length), bool))
+
+    def hidden_states_cached(
+        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, valid_BxT: jax.Array, cache: KVCache,
+        index: jax.Array | int,
+    ) -> tuple[jax.Array, KVCache]:
+        """Final-normed hidden states [B, T, D] of T new tokens stored at cache slots [index, index + T).
+
+        Token t attends to every valid slot <= index + t (slots are in time order; padding is marked invalid
+        by `valid_BxT`, so rows may be left- or right-padded); `positions_BxT` are the RoPE positions.
+        """
+        cfg, ctx = self.config, self.shard_ctx
+        t = input_ids_BxT.shape[1]
+        index = jnp.asarray(index, jnp.int32)
+        valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT.astype(bool), index, axis=1)
+        slots_S = jnp.arange(valid_BxS.shape[1], dtype=jnp.int32)
+        query_slots_T = index + jnp.arange(t, dtype=jnp.int32)
+        mask = valid_BxS[:, None, :] & (slots_S[None, None, :] <= query_slots_T[None, :, None])
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        cos, sin = rotary_cos_sin(positions_BxT, inv_freq)
+        x = jnp.take(self.embed_tokens.get_value(), input_ids_BxT, axis=0).astype(DTYPES[cfg.dtype])
+        x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
+        new_k, new_v = [], []
+        for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+            x, k, v = block.cached(x, cos, sin, k, v, mask, index)
+            x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
+            new_k.append(_constrain(ctx, k, _CACHE_AXES))
+            new_v.append(_constrain(ctx, v, _CACHE_AXES))
+        return self.norm(x), KVCache(tuple(new_k), tuple(new_v), valid_BxS)
 
     def lm_head_kernel(self) -> jax.Array:
         """The output projection [D, V] in the compute dtype (the embedding transposed when tied)."""
