@@ -1,0 +1,1 @@
+"""Data layer: records and readers, tokenizers, the alpaca template, Grain pipelines."""
