@@ -13,6 +13,8 @@ from kt_jax.errors import KtJaxError
 # `kt-jax --help` stays fast and a stage's heavy imports load only when that stage runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("kt_jax.commands.info", "load a HF Llama checkpoint onto a mesh and print its config and layout"),
+    "generate": ("kt_jax.commands.generate", "answer a QA test set with a checkpoint (KV-cache sampling)"),
+    "eval": ("kt_jax.commands.eval", "METEOR/ROUGE-L/BERTScore, LLM judge win/tie/lose, fact checks, report"),
 }
 
 
