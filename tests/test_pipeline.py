@@ -207,6 +207,17 @@ def test_overlength_policies() -> None:
     assert (report["rows"], report["truncated"], report["skipped_overlength"], report["max_len"]) == (3, 1, 1, 256)
 
 
+def test_config_errors_name_the_key() -> None:
+    from kt_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.overlength"):
+        DataConfig(overlength="drop")
+    with pytest.raises(ConfigError, match=r"data\.template"):
+        DataConfig(template="vicuna")
+    with pytest.raises(ConfigError, match=r"multiple of the process count \(3\)"):
+        make_dataset(qa(4), Bytes(), DataConfig(batch_size=4), process_index=0, process_count=3)
+
+
 def test_preference_batches() -> None:
     recs = [KCRecord("Q0?", "good answer", "bad", "factuality", ref_chosen_logp=-4.0, ref_rejected_logp=-6.5),
             KCRecord("Q1?", "ok", "worse answer", "completeness")]

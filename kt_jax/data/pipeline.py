@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from kt_jax.data.records import KCRecord, Record
-from kt_jax.data.templates import alpaca_prompt, encode_pair
+from kt_jax.data.templates import ALPACA_STYLES, alpaca_prompt, encode_pair
 from kt_jax.data.tokenizer import Tokenizer
 from kt_jax.errors import ConfigError, DataError
 from kt_jax.sharding import ShardingRules, batch_axis_size, batch_sharding
@@ -54,6 +54,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.overlength not in ("truncate", "skip", "error"):
             raise ConfigError(f"data.overlength: {self.overlength!r} is not one of truncate | skip | error")
+        if self.template not in ALPACA_STYLES:
+            raise ConfigError(f"data.template: {self.template!r} is not one of {sorted(ALPACA_STYLES)}")
         if self.max_len < 2 or self.batch_size < 1:
             raise ConfigError(f"data.max_len ({self.max_len}) must be >= 2 and data.batch_size >= 1")
 
