@@ -98,6 +98,8 @@ def test_empty_and_duplicate_policies(tmp_path: Path) -> None:
     recs, rep = read_records(path, policy=RecordPolicy(empty_answer="skip", duplicate="skip"))
     assert [r.answer for r in recs] == ["a", "b"] and rep.skipped_duplicate == 1
     assert "skipped 1 empty-answer and 1 duplicate" in rep.summary()
+    recs, rep = read_records(path, policy=RecordPolicy(empty_answer="skip", duplicate="skip", duplicate_key="question"))
+    assert [r.answer for r in recs] == ["a"] and rep.skipped_duplicate == 2
     with pytest.raises(DataError, match="row 2: field 'instruction': duplicate of row 0"):
         read_records(path, policy=RecordPolicy(empty_answer="skip", duplicate="error"))
     kc = tmp_path / "kc.json"
@@ -113,6 +115,9 @@ def test_real_files_load_and_round_trip(tmp_path: Path, name: str) -> None:
     rows = json.loads((REAL / name).read_text(encoding="utf-8"))
     recs, rep = read_records(REAL / name, "qa")
     assert rep.kept == rep.rows == len(rows) and rep.skipped_empty == rep.skipped_duplicate == 0
+    unique = len({(r["instruction"], r["input"]) for r in rows})
+    dedup, rep2 = read_records(REAL / name, "qa", RecordPolicy(duplicate="skip", duplicate_key="question"))
+    assert len(dedup) == unique and rep2.skipped_duplicate == len(rows) - unique
     for suffix in (".json", ".jsonl"):
         out = write_records(tmp_path / f"out{suffix}", recs)
         assert read_rows(out) == [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}

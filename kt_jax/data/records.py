@@ -67,10 +67,15 @@ KINDS = ("qa", "ka", "kc")
 
 @dataclass(frozen=True)
 class RecordPolicy:
-    """What to do with empty answers and duplicate rows (duplicate = same question, input and answer(s))."""
+    """What to do with empty answers and duplicates.
+
+    `duplicate_key`: "row" = same question, input and answer(s); "question" = same question and input (for KC
+    pairs also the same aspect). Dolly train has 105 repeated questions, 7 of them fully repeated rows.
+    """
 
     empty_answer: Policy = "error"
     duplicate: DuplicatePolicy = "keep"
+    duplicate_key: Literal["row", "question"] = "row"
 
 
 @dataclass
@@ -182,13 +187,18 @@ def _answers(rec: Record) -> dict[str, str]:
     return {"output": rec.answer}
 
 
-def _dedup_key(rec: Record) -> tuple[str, ...]:
+def _dedup_key(rec: Record, by: str) -> tuple[str, ...]:
+    if by == "question":
+        return (rec.question, rec.input, rec.aspect) if isinstance(rec, KCRecord) else (rec.question, rec.input)
     return (rec.question, rec.input, *_answers(rec).values())
 
 
 def apply_policy(records: Sequence[Record], wheres: Sequence[str], policy: RecordPolicy,
                  report: LoadReport) -> list[Record]:
     """Apply the empty-answer and duplicate policies, counting every skipped or kept row in `report`."""
+    if policy.empty_answer not in ("error", "skip") or policy.duplicate not in ("error", "skip", "keep") or (
+            policy.duplicate_key not in ("row", "question")):
+        raise DataError(f"{report.path}: invalid record policy {policy}")
     kept: list[Record] = []
     seen: dict[tuple[str, ...], str] = {}
     for rec, where in zip(records, wheres, strict=True):
@@ -198,7 +208,7 @@ def apply_policy(records: Sequence[Record], wheres: Sequence[str], policy: Recor
                 raise DataError(f"{where}: field '{empty[0]}': empty answer (policy empty_answer=error)")
             report.skipped_empty += 1
             continue
-        key = _dedup_key(rec)
+        key = _dedup_key(rec, policy.duplicate_key)
         if key in seen:
             if policy.duplicate == "error":
                 raise DataError(f"{where}: field 'instruction': duplicate of {seen[key]} (policy duplicate=error)")
