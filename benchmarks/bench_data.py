@@ -139,6 +139,7 @@ def main() -> int:
     s, n, nb = time_pipeline(lambda: make_dataset(recs, tok, cfg))
     add("pipeline: SFT packed (host numpy)", n, s, f"{nb} batches [{args.batch_size},{args.max_len}]")
     per_row = n / (nb * args.batch_size)
+    fill = report["tokens"] / (nb * args.batch_size * args.max_len)
     s, n, nb = time_pipeline(lambda: make_dataset(recs, tok, DataConfig(**{**cfg.__dict__, "pack": False})))
     add("pipeline: SFT padded, bucketed (host numpy)", n, s, f"{nb} batches")
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -163,7 +164,7 @@ def main() -> int:
 
     print(f"data: {source}; tokenizer: 32k byte-level BPE (trained in {train_s:.1f} s); max_len {args.max_len}")
     print(f"lengths: mean {report['mean_len']:.0f} tokens, max {report['max_len']}, truncated {report['truncated']}, "
-          f"skipped {report['skipped_overlength']}; packed {per_row:.2f} examples per row")
+          f"skipped {report['skipped_overlength']}; packed {per_row:.2f} examples/row, {100 * fill:.0f}% of slots used")
     print(f"{'what':<52} {'examples/s':>12}  note")
     for name, rate, note in rows_out:
         print(f"{name:<52} {rate:>12.1f}  {note}")
