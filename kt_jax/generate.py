@@ -88,6 +88,12 @@ def next_tokens(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingConf
     """One token per row [B] int32: argmax, or a draw from the filtered distribution with each row's key."""
     if sampling.greedy_decoding:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    if 0 < sampling.top_k < logits_BxV.shape[-1]:
+        # top-p acts after top-k, so only the k candidates matter: no sort over the whole vocabulary
+        values_BxK, index_BxK = jax.lax.top_k(logits_BxV.astype(jnp.float32), sampling.top_k)
+        filtered = filter_logits(values_BxK, dataclasses.replace(sampling, top_k=0))
+        pick_B = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys_B, filtered)
+        return jnp.take_along_axis(index_BxK, pick_B[:, None], axis=1)[:, 0].astype(jnp.int32)
     filtered = filter_logits(logits_BxV, sampling)
     return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys_B, filtered).astype(jnp.int32)
 

@@ -148,6 +148,20 @@ def test_top_p_respects_the_mass() -> None:
             assert len(set(draws[:, row])) > 1
 
 
+def test_knowtuning_draws_follow_the_hf_filtered_distribution() -> None:
+    """The top-k fast path (top-p among the k candidates) samples HF's temperature/top-k/top-p distribution."""
+    logits = _random_logits(batch=3, seed=4) / 2
+    sampling = SamplingConfig.knowtuning()
+    ref = TopPLogitsWarper(0.7)(None, TopKLogitsWarper(50)(None, torch.tensor(logits) / 0.95))
+    probs = torch.softmax(ref, dim=-1).numpy()
+    draws = _draws(logits, sampling, n=3000)
+    for row in range(logits.shape[0]):
+        assert set(draws[:, row]) <= set(np.flatnonzero(probs[row] > 0))
+        freq = np.bincount(draws[:, row], minlength=logits.shape[1]) / draws.shape[0]
+        assert np.abs(freq - probs[row]).max() < 0.03
+        assert (probs[row] > 0).sum() > 2
+
+
 def test_greedy_when_temperature_zero_and_presets() -> None:
     logits = _random_logits(seed=3)
     keys = jax.random.split(jax.random.PRNGKey(0), logits.shape[0])
