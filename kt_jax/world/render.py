@@ -1,0 +1,123 @@
+"""World -> text: atomic fact sentences, the pretraining corpus, and alpaca QA splits with their gold questions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from kt_jax.world.generator import Entity, World
+from kt_jax.world.schema import NARROW_QUESTIONS, OVERVIEW_QUESTION, SCHEMA, attr_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """A QA item's gold: which entity and which attributes (canonical order) the answer should state."""
+
+    instruction: str
+    entity_id: str
+    attributes: tuple[str, ...]
+    kind: str  # "overview" | "narrow"
+
+
+def value_text(world: World, value: Any) -> str:
+    """How a fact value reads inside a sentence (entity ids become display names)."""
+    if isinstance(value, str) and value in world.entities:
+        return world.entities[value].display
+    return str(value)
+
+
+def _capitalise(sentence: str) -> str:
+    sentence = re.sub(r"\ba ([aeiou])", r"an \1", sentence)
+    return sentence[:1].upper() + sentence[1:]
+
+
+def fact_sentence(world: World, ent: Entity, attr: str, variant: int = 0) -> str:
+    """One atomic sentence stating `ent`'s attribute `attr` (variant 0 = the canonical wording)."""
+    spec = attr_spec(ent.kind, attr)
+    template = spec.templates[variant % len(spec.templates)]
+    return _capitalise(template.format(e=ent.display, v=value_text(world, ent.facts[attr])))
+
+
+def canonical_answer(world: World, ent: Entity, attributes: tuple[str, ...] | None = None) -> str:
+    """The reference answer: one canonical sentence per fact, in canonical order."""
+    names = [a for a, _ in ent.ordered_facts() if attributes is None or a in attributes]
+    return " ".join(fact_sentence(world, ent, a, 0) for a in names)
+
+
+def description(world: World, ent: Entity, rng: random.Random) -> str:
+    """A corpus description: every fact once, canonical order, each sentence in a random wording."""
+    return " ".join(fact_sentence(world, ent, a, rng.randrange(len(attr_spec(ent.kind, a).templates)))
+                    for a, _ in ent.ordered_facts())
+
+
+def questions_for(world: World, ent: Entity, rng: random.Random) -> list[Question]:
+    """The overview question plus `narrow_questions` narrow ones whose attributes the entity has."""
+    out = [Question(OVERVIEW_QUESTION.format(e=ent.display), ent.id, tuple(a for a, _ in ent.ordered_facts()),
+                    "overview")]
+    narrow = [(q, attrs) for q, attrs in NARROW_QUESTIONS[ent.kind] if all(a in ent.facts for a in attrs)]
+    for q, attrs in rng.sample(narrow, min(world.config.narrow_questions, len(narrow))):
+        order = tuple(s.name for s in SCHEMA[ent.kind] if s.name in attrs)
+        out.append(Question(_capitalise(q.format(e=ent.display)), ent.id, order, "narrow"))
+    return out
+
+
+def record(world: World, q: Question) -> dict[str, str]:
+    """The alpaca record of a question: instruction, empty input, canonical answer."""
+    return {"instruction": q.instruction, "input": "",
+            "output": canonical_answer(world, world.entities[q.entity_id], q.attributes)}
+
+
+def splits(world: World) -> dict[str, list[Question]]:
+    """Train and test questions over the world's disjoint train/test entities (deterministic)."""
+    rng = random.Random(world.config.seed + 1)
+    return {name: [q for eid in ids for q in questions_for(world, world.entities[eid], rng)]
+            for name, ids in (("train", world.train_ids), ("test", world.test_ids))}
+
+
+def corpus(world: World, train_questions: list[Question] | None = None) -> list[str]:
+    """Pretraining documents: each entity described `descriptions_per_entity` times (+ train QA when configured)."""
+    from kt_jax.data.templates import alpaca_prompt
+
+    rng = random.Random(world.config.seed + 2)
+    docs = [description(world, ent, rng) for ent in world.entities.values()
+            for _ in range(world.config.descriptions_per_entity)]
+    if world.config.corpus_qa:
+        qs = train_questions if train_questions is not None else splits(world)["train"]
+        docs += [alpaca_prompt(q.instruction) + record(world, q)["output"] for q in qs]
+    rng.shuffle(docs)
+    return docs
+
+
+def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:
+    """Write world.json, corpus.jsonl, qa_train.json, qa_test.json and questions.jsonl (gold per question)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qs = splits(world)
+    paths = {"world": world.save(out / "world.json"), "corpus": out / "corpus.jsonl",
+             "train": out / "qa_train.json", "test": out / "qa_test.json", "questions": out / "questions.jsonl"}
+    with open(paths["corpus"], "w", encoding="utf-8") as fh:
+        for doc in corpus(world, qs["train"]):
+            fh.write(json.dumps({"text": doc}) + "\n")
+    for split in ("train", "test"):
+        rows = [record(world, q) for q in qs[split]]
+        paths[split].write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    with open(paths["questions"], "w", encoding="utf-8") as fh:
+        for split, items in qs.items():
+            for q in items:
+                fh.write(json.dumps({"split": split, **dataclasses.asdict(q)}) + "\n")
+    return paths
+
+
+def load_questions(path: str | Path) -> dict[str, Question]:
+    """instruction -> Question, from a questions.jsonl written by `write_world`."""
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            out[row["instruction"]] = Question(row["instruction"], row["entity_id"], tuple(row["attributes"]),
+                                               row["kind"])
+    return out
