@@ -1,0 +1,223 @@
+"""Multi-host harness cases: each runs under `jax.distributed` (one of N local processes) and in the pytest process
+(1 process, 8 devices) with the same code; tests/test_multihost.py compares the two.
+
+As a script (one process of the multi-process run): `python tests/multihost_worker.py --hf DIR --work DIR --out DIR
+CASE...`, with KT_JAX_COORDINATOR / KT_JAX_NUM_PROCESSES / KT_JAX_PROCESS_ID set (read by kt_jax.distributed) and
+XLA_FLAGS giving each process its local CPU devices. Every process runs every case (they all join the collectives);
+only process 0 writes `OUT/<case>.npz` (or `OUT/<case>.skipped` naming why a case could not run) and `OUT/done.json`.
+
+A case is `fn(ctx) -> dict[str, np.ndarray]`. Add one by writing the function and adding it to CASES; a case whose
+modules have not landed raises `Unavailable` and the test skips it with that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MESHES = {"2x4": (2, 1, 4), "8x1": (1, 8, 1)}  # (data, fsdp, tensor) over the 8 global devices
+BATCH, SEQ = 8, 16
+
+
+class Unavailable(Exception):
+    """The modules a case needs are not in the package yet."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    hf_dir: Path  # tiny HF Llama checkpoint (kt_jax.testing.make_hf_llama)
+    work_dir: Path  # this run's scratch directory (checkpoints), shared by its processes
+    tag: str  # "multi" or "single": keeps the two runs' files apart
+
+
+class Bytes:
+    """UTF-8 bytes as token ids (vocab 256, fits the tiny Llama); 1 = BOS, 2 = EOS, 0 = pad."""
+
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: Any) -> str:
+        return bytes(int(i) for i in ids if int(i) > 2).decode(errors="replace")
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A global jax.Array as one numpy array on every process."""
+    import jax
+
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def mesh_named(name: str) -> Any:
+    from kt_jax.sharding import make_mesh
+
+    return make_mesh(*MESHES[name])
+
+
+def input_ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(3, 256, size=(BATCH, SEQ)).astype(np.int32)
+
+
+def case_forward(ctx: Context) -> dict[str, np.ndarray]:
+    """Llama logits of the tiny checkpoint on both meshes (input batch sharded, identical on every process)."""
+    from flax import nnx
+
+    from kt_jax.model.hf import load_pretrained
+    from kt_jax.sharding import shard_batch
+
+    out = {}
+    for name in MESHES:
+        mesh = mesh_named(name)
+        model = load_pretrained(ctx.hf_dir, mesh=mesh)
+        ids = shard_batch(input_ids(), mesh)
+        logits = nnx.jit(lambda m, x: m(x))(model, ids)
+        out[f"logits_{name}"] = to_host(logits)
+    return out
+
+
+def model_state(model: Any) -> dict[str, Any]:
+    """The model's parameters as a plain nested dict of jax.Arrays (what orbax saves)."""
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def restore_target(model: Any) -> dict[str, Any]:
+    """Abstract arrays (shape, dtype, sharding) matching `model_state(model)`: the layout restored onto."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model_state(model))
+
+
+def case_orbax(ctx: Context) -> dict[str, np.ndarray]:
+    """Save the sharded parameters with orbax from all processes, restore them, compare with the originals."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from kt_jax.model.hf import load_pretrained
+
+    model = load_pretrained(ctx.hf_dir, mesh=mesh_named("2x4"))
+    state = model_state(model)
+    path = (ctx.work_dir / f"orbax_{ctx.tag}").resolve()
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, state, force=True)
+    ckpt.wait_until_finished()
+    # restore onto the other mesh shape (fsdp=8), then compare every tensor with the saved one
+    target = restore_target(load_pretrained(ctx.hf_dir, mesh=mesh_named("8x1")))
+    restored = ckpt.restore(path, target)
+    ckpt.close()
+    flat_saved = dict(jax.tree_util.tree_leaves_with_path(state))
+    diffs, layouts = [], []
+    for key, x in jax.tree_util.tree_leaves_with_path(restored):
+        diffs.append(float(np.max(np.abs(to_host(x) - to_host(flat_saved[key])))))
+        layouts.append(str(x.sharding.spec))
+    return {"max_abs_diff": np.asarray(diffs), "num_tensors": np.asarray(len(diffs)),
+            "fsdp_sharded": np.asarray(sum("fsdp" in s for s in layouts))}
+
+
+def case_batch_slices(ctx: Context) -> dict[str, np.ndarray]:
+    """Per-process rows -> global arrays (make_array_from_process_local_data); Grain slices -> global batches."""
+    import jax
+    import jax.numpy as jnp
+
+    from kt_jax.sharding import batch_sharding
+
+    out = {}
+    n, k = jax.process_count(), jax.process_index()
+    full = np.arange(BATCH * SEQ, dtype=np.int32).reshape(BATCH, SEQ)
+    rows = BATCH // n
+    for name in MESHES:
+        mesh = mesh_named(name)
+        sharding = batch_sharding(mesh, 2)
+        local = full[k * rows:(k + 1) * rows]
+        arr = jax.make_array_from_process_local_data(sharding, local, full.shape)
+        out[f"global_{name}"] = to_host(arr)
+        rowsum = jax.jit(lambda x: jnp.sum(x, axis=1), out_shardings=batch_sharding(mesh, 1))
+        out[f"rowsum_{name}"] = to_host(rowsum(arr))
+        owned = np.zeros(BATCH, np.int32)  # how many times this process's devices hold each row
+        for shard in arr.addressable_shards:
+            owned[shard.index[0]] += 1
+        from jax.experimental import multihost_utils
+
+        out[f"owner_{name}"] = np.asarray(multihost_utils.process_allgather(owned)) if n > 1 else owned[None]
+    out.update(_grain_batches())
+    return out
+
+
+def _grain_batches() -> dict[str, np.ndarray]:
+    """Global SFT batches from the Grain pipeline (each process reads its own slice), as sorted rows per step."""
+    from kt_jax.data.pipeline import DataConfig, device_iterator, make_dataset
+    from kt_jax.data.records import QARecord
+
+    recs = [QARecord(f"Q{i}?", f"A{i}." + "y" * (7 * i % 40)) for i in range(32)]
+    cfg = DataConfig(max_len=256, batch_size=8, pack=False, seed=3, num_epochs=1, buckets=(64, 128, 256))
+    steps = []
+    for batch in device_iterator(make_dataset(recs, Bytes(), cfg), mesh_named("2x4")):
+        ids = to_host(batch["input_ids"])
+        steps.append(ids[np.lexsort(ids.T[::-1])])  # rows in a canonical order: the set, not who holds which
+    return {"grain_steps": np.stack(steps)}
+
+
+CASES: dict[str, Callable[[Context], dict[str, np.ndarray]]] = {
+    "forward": case_forward,
+    "orbax": case_orbax,
+    "batch_slices": case_batch_slices,
+}
+
+
+def run_case(name: str, ctx: Context) -> dict[str, np.ndarray] | str:
+    """The case's results, or the reason it cannot run (a module it needs has not landed)."""
+    try:
+        return CASES[name](ctx)
+    except Unavailable as e:
+        return str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf", required=True, type=Path)
+    parser.add_argument("--work", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("cases", nargs="+", choices=sorted(CASES))
+    args = parser.parse_args(argv)
+
+    from kt_jax.distributed import initialize_from_env, is_main_process, process_summary, setup_logging
+
+    initialize_from_env(initialization_timeout=60)
+    setup_logging()
+    logging.getLogger("multihost_worker").info("summary: running %s", ", ".join(args.cases))
+    logging.getLogger("multihost_worker").warning("every process warns")
+    ctx = Context(args.hf, args.work, "multi")
+    seconds = {}
+    for name in args.cases:
+        start = time.perf_counter()
+        result = run_case(name, ctx)
+        seconds[name] = round(time.perf_counter() - start, 2)
+        if is_main_process():  # the rule: only process 0 writes
+            args.out.mkdir(parents=True, exist_ok=True)
+            if isinstance(result, str):
+                (args.out / f"{name}.skipped").write_text(result)
+            else:
+                np.savez(args.out / f"{name}.npz", **result)
+    if is_main_process():
+        (args.out / "done.json").write_text(json.dumps({**process_summary(), "seconds": seconds}))
+    print(json.dumps({**process_summary(), "seconds": seconds}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
