@@ -1,0 +1,1 @@
+"""Array ops shared by scoring and training (log-probs, losses)."""

@@ -1,0 +1,100 @@
+"""Chunked target log-probs against float64 numpy, gradients against the naive log-softmax, sums, model batches."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kt_jax.model.hf import load_pretrained
+from kt_jax.ops.logprobs import masked_sum, model_token_logprobs, prefix_batch, segment_sum, token_logprobs
+from kt_jax.testing import hf_logits
+
+
+def _inputs(b: int = 3, t: int = 37, d: int = 16, v: int = 50, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(b, t, d)).astype(np.float32)
+    w = (rng.normal(size=(d, v)) * 0.8).astype(np.float32)
+    targets = rng.integers(0, v, size=(b, t)).astype(np.int32)
+    return hidden, w, targets
+
+
+def _float64_reference(hidden: np.ndarray, w: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    logits = hidden.astype(np.float64) @ w.astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+    return np.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 37, 128])
+def test_matches_float64_reference(chunk: int) -> None:
+    hidden, w, targets = _inputs()
+    ref = _float64_reference(hidden, w, targets)
+    got = jax.jit(lambda h, k, y: token_logprobs(h, k, y, chunk_size=chunk))(hidden, w, targets)
+    assert got.dtype == jnp.float32 and got.shape == targets.shape
+    assert ref.min() < -8.0  # far from uniform, so an error would show
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_naive_log_softmax() -> None:
+    hidden, w, targets = _inputs(b=2, t=21)
+    weights = jnp.asarray(np.random.default_rng(1).random(targets.shape).astype(np.float32))
+
+    def naive(h, k):
+        logp = jax.nn.log_softmax(h @ k, axis=-1)
+        return jnp.sum(weights * jnp.take_along_axis(logp, targets[..., None], -1)[..., 0])
+
+    def chunked(h, k):
+        return jnp.sum(weights * token_logprobs(h, k, targets, chunk_size=4))
+
+    g_ref = jax.grad(naive, argnums=(0, 1))(hidden, w)
+    g_got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, w)
+    for a, b in zip(g_got, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_no_full_vocab_logits_in_chunked_program() -> None:
+    """The compiled program never holds a [B, T, V] float32 buffer when T is chunked."""
+    b, t, d, v = 2, 64, 8, 1000
+    hidden, w, targets = jnp.zeros((b, t, d)), jnp.zeros((d, v)), jnp.zeros((b, t), jnp.int32)
+    fn = lambda h, k: jnp.sum(token_logprobs(h, k, targets, chunk_size=16))
+    hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(hidden, w).compile().as_text()
+    sizes = [int(np.prod([int(x) for x in dims.split(",") if x])) for dims in re.findall(r"f32\[([0-9,]*)\]", hlo)
+             if str(v) in dims.split(",")]
+    assert sizes, "no vocab-sized buffer found: the check would be vacuous"
+    assert max(sizes) <= b * 16 * v, f"a buffer of {max(sizes)} floats holds logits of more than one chunk"
+
+
+def test_bfloat16_hidden_gives_float32_logprobs() -> None:
+    hidden, w, targets = _inputs()
+    got = token_logprobs(jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), targets, chunk_size=8)
+    assert got.dtype == jnp.float32
+    ref = _float64_reference(hidden, w, targets)
+    assert np.abs(np.asarray(got) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_masked_and_segment_sums() -> None:
+    logp = jnp.asarray([[-1.0, -2.0, -3.0, -np.inf, -5.0], [-0.5, -0.25, -1.0, -2.0, -4.0]])
+    mask = jnp.asarray([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]], jnp.float32)
+    segs = jnp.asarray([[1, 1, 2, 0, 2], [1, 1, 1, 3, 3]], jnp.int32)
+    total, count = masked_sum(logp, mask)
+    np.testing.assert_allclose(np.asarray(total), [-8.0, -3.25])
+    np.testing.assert_allclose(np.asarray(count), [3.0, 3.0])
+    seg_total, seg_count = segment_sum(logp, mask, segs, 3)
+    np.testing.assert_allclose(np.asarray(seg_total), [[-3.0, -5.0, 0.0], [-1.25, 0.0, -2.0]])
+    np.testing.assert_allclose(np.asarray(seg_count), [[2.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
+    g = jax.grad(lambda x: jnp.sum(masked_sum(x, mask)[0]))(jnp.where(jnp.isinf(logp), 0.0, logp))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(mask))
+
+
+def test_model_token_logprobs_match_hf_log_softmax(llama3_dir) -> None:
+    ids = np.random.default_rng(3).integers(0, 256, size=(2, 20)).astype(np.int32)
+    targets = np.concatenate([ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+    batch = {"chosen_input_ids": jnp.asarray(ids), "chosen_targets": jnp.asarray(targets), "other": 1}
+    got = np.asarray(model_token_logprobs(load_pretrained(llama3_dir), prefix_batch(batch, "chosen_"), chunk_size=6))
+    logits = hf_logits(llama3_dir, ids).astype(np.float64)
+    ref = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(got, ref, atol=1e-4)
