@@ -64,7 +64,7 @@ _SYNONYMS = {
     "large": "big", "small": "little", "begin": "start", "begins": "starts", "start": "begin",
     "starts": "begins", "because": "since", "about": "around", "enough": "sufficient", "show": "demonstrate",
     "shows": "demonstrates", "use": "employ", "uses": "employs", "used": "employed", "very": "really",
-    "different": "distinct", "buy": "purchase", "need": "require", "needs": "requires", "whole": "entire",
+    "different": "distinct", "buy": "purchase", "whole": "entire",
     "quickly": "rapidly", "fast": "quick", "known": "recognized", "called": "named", "get": "obtain",
 }
 _CONTRACTIONS = {"don't": "do not", "doesn't": "does not", "can't": "cannot", "won't": "will not",

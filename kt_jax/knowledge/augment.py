@@ -1,0 +1,119 @@
+"""Knowledge-aware augmentation (KA): extract facts -> score their perplexity -> keep the top alpha -> rewrite.
+
+The KA set is every original QA pair (provenance "original") plus one fine-grained QA pair per question rewritten
+from its most difficult facts (provenance "rewritten", `source_question` = the original question). A fact's
+difficulty is the model's perplexity of the fact given the question (`kt_jax.scoring.fact_perplexities`, passed
+in as a `scorer` so this module never loads a model itself). Top alpha: k = max(1, floor(alpha * n)) facts with the
+highest perplexity, kept in their order in the answer. Items the backend rejects are returned as rejects with
+their reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kt_jax.data.records import KARecord, QARecord
+from kt_jax.errors import DataError
+from kt_jax.knowledge.backend import call_many
+
+Scorer = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
+
+
+def question_text(rec: QARecord) -> str:
+    """The question an LLM or the scorer sees: the instruction, plus the input on its own line when present."""
+    return f"{rec.question}\n{rec.input}" if rec.input.strip() else rec.question
+
+
+def extract_facts(backend: Any, records: Sequence[QARecord], *, workers: int = 4,
+                  progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """One row per record: {id, question, input, answer, facts} or {id, ..., error} when rejected."""
+    datas = [{"question": question_text(r), "answer": r.answer} for r in records]
+    outcomes = call_many(backend, "extract", datas, workers=workers, progress=progress)
+    rows = []
+    for i, (rec, out) in enumerate(zip(records, outcomes, strict=True)):
+        row: dict[str, Any] = {"id": i, "question": rec.question, "input": rec.input, "answer": rec.answer}
+        row.update({"facts": out.value} if out.ok else {"error": out.error})
+        rows.append(row)
+    return rows
+
+
+def select_difficult(facts: Sequence[str], perplexities: Sequence[float], alpha: float = 0.5) -> list[str]:
+    """The max(1, floor(alpha * n)) facts with the highest perplexity, in answer order."""
+    if len(facts) != len(perplexities):
+        raise DataError(f"select_difficult: {len(facts)} facts but {len(perplexities)} perplexities")
+    if not facts:
+        return []
+    if not 0.0 < alpha <= 1.0:
+        raise DataError(f"select_difficult: alpha must be in (0, 1], got {alpha}")
+    k = max(1, math.floor(alpha * len(facts)))
+    ranked = sorted(range(len(facts)), key=lambda i: (-perplexities[i], i))[:k]
+    return [facts[i] for i in sorted(ranked)]
+
+
+def score_facts(rows: Sequence[dict[str, Any]], scorer: Scorer) -> list[dict[str, Any]]:
+    """Rows with `perplexities` added (rows without facts are passed through unchanged)."""
+    todo = [r for r in rows if r.get("facts")]
+    items = [(question_text(QARecord(r["question"], r["answer"], r["input"])), r["facts"]) for r in todo]
+    ppls = scorer(items) if items else []
+    if len(ppls) != len(items):
+        raise DataError(f"scorer returned {len(ppls)} results for {len(items)} answers")
+    scored = {id(r): p for r, p in zip(todo, ppls, strict=True)}
+    out = []
+    for r in rows:
+        if id(r) in scored:
+            if len(scored[id(r)]) != len(r["facts"]):
+                raise DataError(f"scorer: row {r['id']}: {len(scored[id(r)])} perplexities for {len(r['facts'])} facts")
+            r = {**r, "perplexities": [float(x) for x in scored[id(r)]]}
+        out.append(r)
+    return out
+
+
+def build_ka(backend: Any, scored_rows: Sequence[dict[str, Any]], *, alpha: float = 0.5, workers: int = 4,
+             progress: Callable[[int], None] | None = None) -> tuple[list[KARecord], list[dict[str, Any]]]:
+    """(KA records, rejects): originals + one rewritten fine-grained pair per scored row."""
+    todo = [r for r in scored_rows if r.get("facts") and "perplexities" in r]
+    difficult = [select_difficult(r["facts"], r["perplexities"], alpha) for r in todo]
+    datas = [{"question": question_text(QARecord(r["question"], r["answer"], r["input"])), "facts": d}
+             for r, d in zip(todo, difficult, strict=True)]
+    outcomes = call_many(backend, "rewrite", datas, workers=workers, progress=progress)
+    rewritten = {r["id"]: o for r, o in zip(todo, outcomes, strict=True)}
+    records: list[KARecord] = []
+    rejects: list[dict[str, Any]] = []
+    for r in scored_rows:
+        records.append(KARecord(r["question"], r["answer"], r["input"], "original"))
+        if "error" in r:
+            rejects.append({"id": r["id"], "stage": "extract", "question": r["question"], "reason": r["error"]})
+            continue
+        out = rewritten.get(r["id"])
+        if out is None:
+            continue
+        if out.ok:
+            q, a = out.value
+            records.append(KARecord(q, a, "", "rewritten", r["question"]))
+        else:
+            rejects.append({"id": r["id"], "stage": "rewrite", "question": r["question"], "reason": out.error})
+    return records, rejects
+
+
+def lexical_scorer(texts: Sequence[str]) -> Scorer:
+    """A model-free stand-in scorer: a fact's 'perplexity' is exp(mean word surprisal) under the unigram
+    distribution of `texts` (rare-word facts rank as difficult). Low fidelity; use the model scorer for real runs."""
+    counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9']+", t.lower()))
+    total = sum(counts.values()) + len(counts) + 1
+
+    def ppl(fact: str) -> float:
+        words = re.findall(r"[a-z0-9']+", fact.lower()) or [""]
+        return math.exp(sum(-math.log((counts[w] + 1) / total) for w in words) / len(words))
+
+    return lambda items: [[ppl(f) for f in facts] for _, facts in items]
+
+
+def model_scorer(model: Any, tokenizer: Any, **kwargs: Any) -> Scorer:
+    """The paper's scorer: per-fact perplexity under `model` given the question (kt_jax.scoring)."""
+    from kt_jax.scoring import fact_perplexities
+
+    return lambda items: fact_perplexities(model, tokenizer, items, **kwargs)
