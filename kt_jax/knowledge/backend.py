@@ -46,6 +46,14 @@ class Rejected(BackendError):
         self.op, self.reason = op, reason
 
 
+class CallFailed(BackendError):
+    """A request failed for good after the transport's own retries; the item is rejected with this reason."""
+
+
+class FatalBackendError(BackendError):
+    """A failure that concerns every item (authentication, a bad request): the run stops instead of rejecting."""
+
+
 class CallStats:
     """Thread-safe counters: cache hits, computed calls, retries, rejections (per operation)."""
 
@@ -143,6 +151,8 @@ class CachedBackend:
             except ValueError as e:
                 self.stats.add("computed")
                 reason = str(e)
+            except CallFailed as e:
+                raise self.store_reject(op, data, str(e)) from None
         raise self.store_reject(op, data, f"invalid answer after {self.validation_retries + 1} attempts: {reason}")
 
     # -- the interface ----------------------------------------------------------------------------------------
@@ -198,6 +208,8 @@ def map_outcomes(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int
             out = Outcome(value=fn(item))
         except Rejected as e:
             out = Outcome(error=f"{e.op}: {e.reason}")
+        except FatalBackendError:
+            raise
         except BackendError as e:
             out = Outcome(error=str(e))
         if progress is not None:
