@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("kt_jax.commands.info", "load a HF Llama checkpoint onto a mesh and print its config and layout"),
     "generate": ("kt_jax.commands.generate", "answer a QA test set with a checkpoint (KV-cache sampling)"),
     "eval": ("kt_jax.commands.eval", "METEOR/ROUGE-L/BERTScore, LLM judge win/tie/lose, fact checks, report"),
+    "knowledge": ("kt_jax.commands.knowledge", "extract facts, build KA / KC sets from an alpaca file (LLM backend)"),
 }
 
 
