@@ -1,0 +1,331 @@
+"""Fact perplexities and response log-probs: length-bucketed, packed, prefix-shared, sharded, exact.
+
+Every (prompt, response) pair is tokenized exactly as training does (`templates.encode_pair`) and scored with
+the training log-prob code (`ops.logprobs`), so scores cannot depend on how pairs are batched:
+
+- ``packing="shared"`` (default): pairs with the same prompt form a *group*; the prompt (all but its last token) is
+  encoded once, and every response is a sibling segment ``[last prompt token, response...]`` that attends to the
+  shared prompt and to itself only (block mask + positions continuing after the prompt). The last prompt token
+  is repeated per sibling because it is the position that predicts each response's first token.
+- ``packing="packed"``: each pair is its own segment (prompt + response), many segments per row.
+- ``packing="padded"``: one pair per row (the plain baseline).
+
+Rows are packed first-fit-decreasing into at most `pack_len` tokens and padded to the next length of a small fixed
+set (powers of two from 32, and `max_len`), `batch_size` rows per call (rounded up to a multiple of the mesh's batch
+ways), so the jitted step compiles once per bucket. Rows are sharded over the mesh's batch axes.
+
+Edge cases (documented behaviour):
+- a question with no facts gives `[]`; nothing is run for it.
+- an empty fact (no tokens; EOS is off for facts) has no scored token: its perplexity is NaN (`n_tokens=0`).
+- a fact longer than `max_len` minus the prompt is truncated as training truncates (the prompt is kept, the
+  response cut); its perplexity is over the kept tokens and `truncated=True`. A prompt that alone fills
+  `max_len` leaves no response token: NaN with `truncated=True`.
+- non-ASCII text is whatever the tokenizer makes of it (byte-level/byte-fallback tokenizers cover every string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from kt_jax.data.templates import alpaca_prompt, encode_pair
+from kt_jax.errors import ConfigError
+from kt_jax.ops.logprobs import DEFAULT_CHUNK, model_token_logprobs
+from kt_jax.sharding import batch_axis_size, shard_batch
+
+PACKINGS = ("shared", "packed", "padded")
+MIN_BUCKET = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class PairScore:
+    """Summed response log-prob (natural log), scored token count, and whether the response was truncated."""
+
+    logprob: float
+    n_tokens: int
+    truncated: bool
+
+    @property
+    def ppl(self) -> float:
+        """exp(mean NLL) over the scored tokens; NaN when there are none."""
+        return math.exp(-self.logprob / self.n_tokens) if self.n_tokens else math.nan
+
+
+@dataclasses.dataclass
+class _Sibling:
+    key: int  # index of the pair
+    tokens: list[int]
+    n_scored: int  # the last n_scored next-token targets of `tokens` are response tokens
+
+
+@dataclasses.dataclass
+class _Group:
+    prefix: list[int]
+    siblings: list[_Sibling]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(s.tokens) for s in self.siblings)
+
+
+def buckets(max_len: int) -> list[int]:
+    """The fixed row lengths: powers of two from 32 below `max_len`, then `max_len`."""
+    out, b = [], MIN_BUCKET
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return [*out, max_len]
+
+
+def _groups(pairs: Sequence[tuple[list[int], list[int]]], packing: str, cap: int, max_siblings: int) -> list[_Group]:
+    """Split each pair into (shared prefix, sibling); group siblings with equal prompts (up to `cap` tokens)."""
+    groups: list[_Group] = []
+    by_prompt: dict[Hashable, _Group] = {}
+    for key, (prompt, response) in enumerate(pairs):
+        full = prompt + response
+        n_scored = min(len(response), len(full) - 1) if full else 0
+        if n_scored <= 0:
+            continue
+        split = max(len(prompt) - 1, 0) if packing == "shared" else 0
+        sib = _Sibling(key, full[split:], n_scored)
+        group = by_prompt.get(tuple(prompt)) if packing == "shared" else None
+        if group is None or group.length + len(sib.tokens) > cap or len(group.siblings) >= max_siblings:
+            group = _Group(full[:split], [])
+            groups.append(group)
+            if packing == "shared":
+                by_prompt[tuple(prompt)] = group
+        group.siblings.append(sib)
+    return groups
+
+
+def _pack(groups: list[_Group], packing: str, pack_len: int, max_segments: int) -> list[list[_Group]]:
+    """First-fit-decreasing bins of groups (one group per row when padded)."""
+    order = sorted(groups, key=lambda g: (-g.length, g.siblings[0].key))
+    if packing == "padded":
+        return [[g] for g in order]
+    rows: list[list[_Group]] = []
+    used: list[tuple[int, int]] = []  # (tokens, scored segments) per row
+    for g in order:
+        n = len(g.siblings)
+        for i, (tokens, segs) in enumerate(used):
+            if tokens + g.length <= pack_len and segs + n <= max_segments:
+                rows[i].append(g)
+                used[i] = (tokens + g.length, segs + n)
+                break
+        else:
+            rows.append([g])
+            used.append((g.length, n))
+    return rows
+
+
+def _row_arrays(row: list[_Group], length: int) -> dict[str, np.ndarray]:
+    """Host arrays [T] for one row: ids, positions, targets, score mask/ids, and attention structure ids."""
+    a = {k: np.zeros(length, np.int32) for k in ("input_ids", "positions", "targets", "group", "seg", "prefix",
+                                                  "score_ids")}
+    a["loss_mask"] = np.zeros(length, np.float32)
+    t, seg, score = 0, 0, 0
+    for gi, g in enumerate(row, start=1):
+        p = len(g.prefix)
+        if p:
+            seg += 1
+            sl = slice(t, t + p)
+            a["input_ids"][sl], a["positions"][sl], a["group"][sl], a["seg"][sl] = g.prefix, np.arange(p), gi, seg
+            a["prefix"][sl] = 1
+            t += p
+        for s in g.siblings:
+            m = len(s.tokens)
+            seg, score = seg + 1, score + 1
+            sl = slice(t, t + m)
+            a["input_ids"][sl], a["positions"][sl], a["group"][sl], a["seg"][sl] = s.tokens, p + np.arange(m), gi, seg
+            a["targets"][t : t + m - 1] = s.tokens[1:]
+            a["loss_mask"][t + m - 1 - s.n_scored : t + m - 1] = 1.0
+            a["score_ids"][sl] = score
+            t += m
+    return a
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _score_rows(graphdef: Any, state: Any, batch: dict[str, jax.Array], *, chunk_size: int) -> jax.Array:
+    """Masked target log-probs [B, T] (0 outside the loss mask) under the prefix-sharing block mask."""
+    model = nnx.merge(graphdef, state)
+    group, seg, prefix = batch["group"], batch["seg"], batch["prefix"].astype(bool)
+    same_group = group[:, :, None] == group[:, None, :]
+    allowed_BxTxT = same_group & ((seg[:, :, None] == seg[:, None, :]) | prefix[:, None, :])
+    lm_batch = {"input_ids": batch["input_ids"], "positions": batch["positions"], "targets": batch["targets"],
+                "attn_mask": allowed_BxTxT}
+    logp_BxT = model_token_logprobs(model, lm_batch, chunk_size=chunk_size)
+    return jnp.where(batch["loss_mask"] > 0, logp_BxT, 0.0)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _batches(rows: list[list[_Group]], max_len: int, batch_size: int) -> Iterator[tuple[int, list[list[_Group]]]]:
+    """(bucket length, up to batch_size rows) in bucket order; rows keep their packing order inside a bucket."""
+    lengths = buckets(max_len)
+    by_bucket: dict[int, list[list[_Group]]] = {}
+    for row in rows:
+        used = sum(g.length for g in row)
+        by_bucket.setdefault(next(b for b in lengths if b >= used), []).append(row)
+    for length in sorted(by_bucket):
+        chunk = by_bucket[length]
+        for i in range(0, len(chunk), batch_size):
+            yield length, chunk[i : i + batch_size]
+
+
+def score_encoded(
+    model: nnx.Module,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    *,
+    max_len: int = 1024,
+    mesh: Mesh | None = None,
+    packing: str = "shared",
+    batch_size: int = 8,
+    pack_len: int | None = 512,
+    max_segments: int = 64,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> list[tuple[float, int]]:
+    """(summed response log-prob, scored tokens) for already tokenized (prompt_ids, response_ids) pairs.
+
+    Each pair with a response must fit in `max_len` tokens. Responses with no scorable token give (0.0, 0).
+    """
+    if packing not in PACKINGS:
+        raise ConfigError(f"packing={packing!r}; choose one of {PACKINGS}")
+    if batch_size < 1 or max_segments < 1 or max_len < 2:
+        raise ConfigError(f"batch_size={batch_size}, max_segments={max_segments}, max_len={max_len}: must be >= 1/1/2")
+    for i, (p, r) in enumerate(pairs):
+        if r and len(p) + len(r) > max_len:
+            raise ConfigError(f"pair {i} has {len(p) + len(r)} tokens, more than max_len={max_len}")
+    pack_len = min(pack_len or max_len, max_len)
+    groups = _groups(pairs, packing, pack_len, max_segments)
+    rows = _pack(groups, packing, pack_len, max_segments)
+    ways = batch_axis_size(mesh) if mesh is not None else 1
+    batch_size = -(-batch_size // ways) * ways
+    graphdef, state = nnx.split(model)
+    sums, counts = np.zeros(len(pairs)), np.zeros(len(pairs), np.int64)
+    work = list(_batches(rows, max_len, batch_size))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(s.tokens) for g in groups for s in g.siblings), desc="score", unit="tok")
+    pending: tuple[Any, list[list[_Group]], dict[str, np.ndarray]] | None = None
+
+    def collect(done: tuple[Any, list[list[_Group]], dict[str, np.ndarray]]) -> None:
+        # float64 sums on the host: float32 accumulation order would depend on the row layout
+        logp_BxT, chunk, host = done
+        logp_BxT = _host(logp_BxT).astype(np.float64)
+        for r, row in enumerate(chunk):
+            siblings = [s for g in row for s in g.siblings]
+            ids = host["score_ids"][r] * (host["loss_mask"][r] > 0)
+            seg_sum = np.bincount(ids, weights=logp_BxT[r], minlength=len(siblings) + 1)
+            seg_count = np.bincount(ids, minlength=len(siblings) + 1)
+            for j, s in enumerate(siblings, start=1):
+                if int(seg_count[j]) != s.n_scored:
+                    raise RuntimeError(f"pair {s.key}: scored {seg_count[j]} tokens, expected {s.n_scored}")
+                sums[s.key], counts[s.key] = float(seg_sum[j]), s.n_scored
+            if bar is not None:
+                bar.update(sum(len(s.tokens) for s in siblings))
+
+    for length, chunk in work:
+        arrays = [_row_arrays(row, length) for row in chunk]
+        arrays += [_row_arrays([], length)] * (batch_size - len(chunk))
+        host = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+        batch = shard_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
+        out = _score_rows(graphdef, state, batch, chunk_size=chunk_size)
+        if pending is not None:  # one call in flight while the next is prepared; never more (CPU mesh hang)
+            collect(pending)
+        pending = (out, chunk, host)
+    if pending is not None:
+        collect(pending)
+    if bar is not None:
+        bar.close()
+    return [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
+
+
+def _score_pairs(model: nnx.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_len: int,
+                 add_eos: bool, **options: Any) -> list[PairScore]:
+    encoded = [encode_pair(tokenizer, p, r, max_len, add_eos=add_eos) for p, r in pairs]
+    scores = score_encoded(model, [(e.prompt_ids, e.response_ids) for e in encoded], max_len=max_len, **options)
+    return [PairScore(s, c, e.truncated) for (s, c), e in zip(scores, encoded, strict=True)]
+
+
+def prompt_text(question: str, template: str = "alpaca", style: str = "llamafactory-0.5.3") -> str:
+    """The prompt a question is scored under: the alpaca template, or the raw question (`template="raw"`)."""
+    if template == "alpaca":
+        return alpaca_prompt(question, style=style)
+    if template == "raw":
+        return question
+    raise ConfigError(f"template={template!r}; choose 'alpaca' or 'raw'")
+
+
+def score_facts(
+    model: nnx.Module,
+    tokenizer: Any,
+    items: Sequence[tuple[str, Sequence[str]]],
+    *,
+    template: str = "alpaca",
+    style: str = "llamafactory-0.5.3",
+    max_len: int = 1024,
+    add_eos: bool = False,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> list[list[PairScore]]:
+    """A PairScore (log-prob, tokens, truncated, ppl) per fact of each (question, facts) item."""
+    pairs = [(prompt_text(q, template, style), f) for q, facts in items for f in facts]
+    flat = _score_pairs(model, tokenizer, pairs, max_len=max_len, add_eos=add_eos, mesh=mesh, progress=progress,
+                        **options)
+    out, i = [], 0
+    for _, facts in items:
+        out.append(flat[i : i + len(facts)])
+        i += len(facts)
+    return out
+
+
+def fact_perplexities(
+    model: nnx.Module,
+    tokenizer: Any,
+    items: Sequence[tuple[str, Sequence[str]]],
+    *,
+    template: str = "alpaca",
+    max_len: int = 1024,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> list[list[float]]:
+    """Perplexity exp(mean NLL) of each fact given its question's prompt; NaN for a fact with no tokens."""
+    scores = score_facts(model, tokenizer, items, template=template, max_len=max_len, mesh=mesh, progress=progress,
+                         **options)
+    return [[s.ppl for s in row] for row in scores]
+
+
+def sequence_logprobs(
+    model: nnx.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    max_len: int = 1024,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> list[tuple[float, int]]:
+    """(summed response log-prob incl. EOS, response token count) per (templated prompt, response) pair."""
+    scores = _score_pairs(model, tokenizer, pairs, max_len=max_len, add_eos=True, mesh=mesh, progress=progress,
+                          **options)
+    return [(s.logprob, s.n_tokens) for s in scores]

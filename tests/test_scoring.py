@@ -1,0 +1,151 @@
+"""Fact perplexities vs HF PyTorch per (prompt, fact); identical across packing, batch size, order and meshes."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from kt_jax.data.templates import alpaca_prompt, encode_pair
+from kt_jax.model.hf import load_pretrained
+from kt_jax.scoring import buckets, fact_perplexities, score_facts, sequence_logprobs
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..255 (wrapped), BOS 1, EOS 2, PAD 0: fits the 256-token test checkpoints."""
+
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 256
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + b % 253 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i - 3 for i in ids if i > 2).decode("utf-8", "replace")
+
+
+TOK = ByteTokenizer()
+ITEMS = [
+    ("What is the capital of France?", ["Paris is the capital.", "It lies on the Seine.", "x"]),
+    ("Name a prime.", ["Seven is prime.", "Two is the only even prime number, and it is the smallest prime."]),
+    ("Où est Zürich? 東京は？", ["Zürich liegt in der Schweiz.", "東京は日本の首都です。", "Ünïcödé ✓ — ok"]),
+    ("No facts here.", []),
+    ("Short", ["A.", "B c.", "Bananas are berries; strawberries are not.", "Water boils at 100 °C at sea level."]),
+]
+MAX_LEN = 256
+
+
+def _hf_fact_scores(path, items, max_len: int = MAX_LEN, add_eos: bool = False) -> list[list[tuple[float, int]]]:
+    """(summed log-prob, tokens) of each fact, scoring each (prompt, fact) alone with HF LlamaForCausalLM."""
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for question, facts in items:
+        row = []
+        for fact in facts:
+            enc = encode_pair(TOK, alpaca_prompt(question), fact, max_len, add_eos=add_eos)
+            ids = enc.prompt_ids + enc.response_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)
+            p = len(enc.prompt_ids)
+            total = sum(float(logp[t - 1, ids[t]]) for t in range(p, len(ids)))
+            row.append((total, len(ids) - p))
+        out.append(row)
+    return out
+
+
+def _ppl(total: float, n: int) -> float:
+    return math.exp(-total / n) if n else math.nan
+
+
+@pytest.fixture(scope="module")
+def llama3_model(llama3_dir):
+    return load_pretrained(llama3_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(llama3_model) -> list[list[float]]:
+    """kt-jax, one pair per row, one row per call: the baseline every other layout must reproduce."""
+    return fact_perplexities(llama3_model, TOK, ITEMS, max_len=MAX_LEN, packing="padded", batch_size=1,
+                             progress=False)
+
+
+def _assert_same(got: list[list[float]], ref: list[list[float]], rtol: float) -> None:
+    assert [len(r) for r in got] == [len(r) for r in ref]
+    np.testing.assert_allclose(np.concatenate([np.array(r, float) for r in got if r]),
+                               np.concatenate([np.array(r, float) for r in ref if r]), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("which", ["llama2_dir", "llama3_dir"])
+def test_fact_perplexities_match_hf_each_pair_alone(which: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(which)
+    got = fact_perplexities(load_pretrained(path), TOK, ITEMS, max_len=MAX_LEN, batch_size=4, progress=False)
+    ref = [[_ppl(*s) for s in row] for row in _hf_fact_scores(path, ITEMS)]
+    assert got[3] == []
+    flat = np.concatenate([np.array(r) for r in ref if r])
+    assert flat.max() / flat.min() > 1.5, "perplexities too uniform for the comparison to mean anything"
+    _assert_same(got, ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("packing", "batch_size"), [
+    ("padded", 64), ("packed", 1), ("packed", 7), ("shared", 1), ("shared", 7), ("shared", 64)])
+def test_identical_for_every_packing_and_batch_size(llama3_model, reference, packing: str, batch_size: int) -> None:
+    got = fact_perplexities(llama3_model, TOK, ITEMS, max_len=MAX_LEN, packing=packing, batch_size=batch_size,
+                            progress=False)
+    _assert_same(got, reference, rtol=1e-6)
+
+
+def test_identical_for_any_order_and_tight_packing_limits(llama3_model, reference) -> None:
+    order = list(range(len(ITEMS)))
+    random.Random(0).shuffle(order)
+    shuffled = [(ITEMS[i][0], list(reversed(ITEMS[i][1]))) for i in order]
+    got = fact_perplexities(llama3_model, TOK, shuffled, max_len=MAX_LEN, batch_size=3, pack_len=200,
+                            max_segments=2, progress=False)
+    back = [None] * len(ITEMS)
+    for j, i in enumerate(order):
+        back[i] = list(reversed(got[j]))
+    _assert_same(back, reference, rtol=1e-6)
+
+
+def test_identical_on_every_mesh(llama3_dir, reference, mesh) -> None:
+    model = load_pretrained(llama3_dir, mesh=mesh)
+    got = fact_perplexities(model, TOK, ITEMS, max_len=MAX_LEN, mesh=mesh, batch_size=8, progress=False)
+    _assert_same(got, reference, rtol=1e-6)
+
+
+def test_edge_cases(llama3_model, llama3_dir) -> None:
+    question = "Q?"
+    prompt_len = 1 + len(TOK.encode(alpaca_prompt(question)))
+    max_len = prompt_len + 10
+    long_fact = "This fact is much longer than ten tokens."
+    items = [(question, []), (question, ["", long_fact, "fits"]), ("q" * max_len, ["anything"])]
+    scores = score_facts(llama3_model, TOK, items, max_len=max_len, progress=False)
+    assert scores[0] == []
+    empty, long, fits = scores[1]
+    assert empty.n_tokens == 0 and math.isnan(empty.ppl) and not empty.truncated
+    assert long.truncated and long.n_tokens == 10
+    assert not fits.truncated and fits.n_tokens == len("fits")
+    hf = _hf_fact_scores(llama3_dir, [(question, [long_fact, "fits"])], max_len=max_len)[0]
+    assert hf[0][1] == 10  # HF scored the same 10 kept tokens
+    np.testing.assert_allclose([long.ppl, fits.ppl], [_ppl(*s) for s in hf], rtol=1e-4)
+    (no_room,) = scores[2]
+    assert no_room.truncated and no_room.n_tokens == 0 and math.isnan(no_room.ppl)
+    assert fact_perplexities(llama3_model, TOK, [], progress=False) == []
+
+
+def test_sequence_logprobs_match_hf_with_eos(llama3_model, llama3_dir) -> None:
+    items = [("Name a prime.", ["Seven.", "Two is the only even prime."]), ("Where?", ["Zürich."])]
+    pairs = [(alpaca_prompt(q), f) for q, facts in items for f in facts]
+    got = sequence_logprobs(llama3_model, TOK, pairs, max_len=MAX_LEN)
+    ref = [s for row in _hf_fact_scores(llama3_dir, items, add_eos=True) for s in row]
+    assert [n for _, n in got] == [n for _, n in ref] == [len(f.encode()) + 1 for _, f in pairs]
+    np.testing.assert_allclose([s for s, _ in got], [s for s, _ in ref], rtol=1e-4)
+
+
+def test_buckets_are_a_small_fixed_set() -> None:
+    assert buckets(1024) == [32, 64, 128, 256, 512, 1024]
+    assert buckets(300) == [32, 64, 128, 256, 300]
