@@ -60,7 +60,8 @@ def test_judge_pairs_both_orders_and_tables() -> None:
     assert [r["outcome"]["logicality"] for r in results] == ["lose", "win", "tie"]  # q3: "A" twice = bias
     table = win_tie_lose(results)
     assert table["completeness"] == {"win": 1, "tie": 1, "lose": 1, "win_pct": pytest.approx(100 / 3),
-                                     "tie_pct": pytest.approx(100 / 3), "lose_pct": pytest.approx(100 / 3)}
+                                     "tie_pct": pytest.approx(100 / 3), "lose_pct": pytest.approx(100 / 3),
+                                     "errors": 0}
     assert table["factuality"]["tie"] == 3
     assert position_consistency(results)["completeness"] == 100.0
 
@@ -77,8 +78,38 @@ def test_judge_missing_aspect_is_an_error() -> None:
         def judge(self, *args):
             return {"completeness": "A"}
 
-    with pytest.raises(BackendError, match="factuality, logicality"):
-        judge_pairs(Partial(), ITEMS[:1])
+    (result,) = judge_pairs(Partial(), ITEMS[:1])
+    assert "no verdict for factuality, logicality" in result["error"]
+
+
+def test_rejected_items_are_left_out_and_fatal_errors_stop() -> None:
+    from kt_jax.knowledge.backend import FatalBackendError, Rejected
+
+    class Flaky(FakeBackend):
+        def judge(self, question, reference, a, b):
+            if question == "q2":
+                raise Rejected("judge", "invalid answer after 3 attempts")
+            return super().judge(question, reference, a, b)
+
+        def extract(self, question, answer):
+            if question == "bad":
+                raise Rejected("extract", "truncated")
+            return super().extract(question, answer)
+
+    results = judge_pairs(Flaky(), ITEMS)
+    assert "invalid answer" in results[1]["error"]
+    table = win_tie_lose(results)
+    assert table["completeness"]["win"] + table["completeness"]["tie"] + table["completeness"]["lose"] == 2
+    assert table["completeness"]["errors"] == 1 and table["completeness"]["win_pct"] == 50.0
+    summary = fact_summary(evaluate_facts(Flaky(), [("bad", "X.", "x"), ("ok", "X. Y.", "x")]))
+    assert summary["errors"] == 1 and summary["facts_total"] == 2 and summary["correct_pct"] == 50.0
+
+    class Fatal(FakeBackend):
+        def judge(self, *args):
+            raise FatalBackendError("anthropic judge: HTTP 401")
+
+    with pytest.raises(FatalBackendError, match="401"):
+        judge_pairs(Fatal(), ITEMS)
 
 
 def test_pair_items_join_on_id() -> None:

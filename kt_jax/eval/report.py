@@ -116,12 +116,19 @@ def write_report(
             header += ["orders agree %"] if consistency and comparison in consistency else []
             png = f"plots/judge_{_slug(comparison)}.png"
             plot_win_tie_lose(table, comparison, out / png)
-            md += ["", f"### {comparison}", "", _table(header, rows), "", f"![{comparison}]({png})"]
+            md += ["", f"### {comparison}", "", _table(header, rows)]
+            errors = int(max(table[a].get("errors", 0) for a in ASPECTS if a in table))
+            if errors:
+                md += ["", f"{errors} question(s) left out: the judge call was rejected for good (see the JSONL)."]
+            md += ["", f"![{comparison}]({png})"]
     if facts:
         md += ["", "## Fine-grained facts (extracted from each answer, verified against the reference)", "",
                _table(["system", "answers", "facts / answer", "facts", "% correct", "% correct (per answer)"],
                       [[s, int(f["answers"]), float(f["facts_per_answer"]), int(f["facts_total"]),
                         float(f["correct_pct"]), float(f["correct_pct_macro"])] for s, f in facts.items()])]
+        for s, f in facts.items():
+            if f.get("errors"):
+                md += ["", f"{s}: {int(f['errors'])} answer(s) left out: a backend call was rejected for good."]
         plot_grouped({s: {"facts / answer": f["facts_per_answer"]} for s, f in facts.items()}, "Facts per answer",
                      out / "plots" / "facts_count.png")
         plot_grouped({s: {"% correct": f["correct_pct"]} for s, f in facts.items()}, "% correct facts",
