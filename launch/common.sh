@@ -46,8 +46,8 @@ kt_run() {  # print the command (--dry-run) or echo it to stderr and run it
   "$@"
 }
 
-kt_need_value() {  # FLAG ARGC: a flag that takes a value must have one
-  if [[ $2 -lt 2 ]]; then
+kt_need_value() {  # FLAG [VALUE ...] (the remaining arguments): a flag that takes a value must have one
+  if [[ $# -lt 2 || $2 == --* ]]; then
     kt_die "$1 needs a value"
   fi
 }

@@ -32,12 +32,12 @@ config="" venv="$repo/.venv-gpu" python=python3 cuda=12 install=1 log_dir=logs r
 run_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --config) kt_need_value "$1" "$#"; config=$2; shift 2 ;;
-    --venv) kt_need_value "$1" "$#"; venv=$2; shift 2 ;;
-    --python) kt_need_value "$1" "$#"; python=$2; shift 2 ;;
-    --cuda) kt_need_value "$1" "$#"; cuda=$2; shift 2 ;;
-    --log-dir) kt_need_value "$1" "$#"; log_dir=$2; shift 2 ;;
-    --run-name) kt_need_value "$1" "$#"; run_name=$2; shift 2 ;;
+    --config) kt_need_value "$@"; config=$2; shift 2 ;;
+    --venv) kt_need_value "$@"; venv=$2; shift 2 ;;
+    --python) kt_need_value "$@"; python=$2; shift 2 ;;
+    --cuda) kt_need_value "$@"; cuda=$2; shift 2 ;;
+    --log-dir) kt_need_value "$@"; log_dir=$2; shift 2 ;;
+    --run-name) kt_need_value "$@"; run_name=$2; shift 2 ;;
     --skip-install) install=0; shift ;;
     --dry-run) KT_DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;

@@ -29,12 +29,12 @@ EOF
 name="" zone="" accel="" runtime="" project="" spot=0 queued=0 wait_timeout=3600
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --name) kt_need_value "$1" "$#"; name=$2; shift 2 ;;
-    --zone) kt_need_value "$1" "$#"; zone=$2; shift 2 ;;
-    --accelerator-type) kt_need_value "$1" "$#"; accel=$2; shift 2 ;;
-    --runtime-version) kt_need_value "$1" "$#"; runtime=$2; shift 2 ;;
-    --project) kt_need_value "$1" "$#"; project=$2; shift 2 ;;
-    --wait-timeout) kt_need_value "$1" "$#"; wait_timeout=$2; shift 2 ;;
+    --name) kt_need_value "$@"; name=$2; shift 2 ;;
+    --zone) kt_need_value "$@"; zone=$2; shift 2 ;;
+    --accelerator-type) kt_need_value "$@"; accel=$2; shift 2 ;;
+    --runtime-version) kt_need_value "$@"; runtime=$2; shift 2 ;;
+    --project) kt_need_value "$@"; project=$2; shift 2 ;;
+    --wait-timeout) kt_need_value "$@"; wait_timeout=$2; shift 2 ;;
     --spot) spot=1; shift ;;
     --queued) queued=1; shift ;;
     --dry-run) KT_DRY_RUN=1; shift ;;

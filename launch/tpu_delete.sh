@@ -24,9 +24,9 @@ EOF
 name="" zone="" project="" queued=0
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --name) kt_need_value "$1" "$#"; name=$2; shift 2 ;;
-    --zone) kt_need_value "$1" "$#"; zone=$2; shift 2 ;;
-    --project) kt_need_value "$1" "$#"; project=$2; shift 2 ;;
+    --name) kt_need_value "$@"; name=$2; shift 2 ;;
+    --zone) kt_need_value "$@"; zone=$2; shift 2 ;;
+    --project) kt_need_value "$@"; project=$2; shift 2 ;;
     --queued) queued=1; shift ;;
     --dry-run) KT_DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;

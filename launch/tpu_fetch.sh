@@ -27,12 +27,12 @@ EOF
 name="" zone="" project="" run_dir="" dest="" worker=0
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --name) kt_need_value "$1" "$#"; name=$2; shift 2 ;;
-    --zone) kt_need_value "$1" "$#"; zone=$2; shift 2 ;;
-    --project) kt_need_value "$1" "$#"; project=$2; shift 2 ;;
-    --run-dir) kt_need_value "$1" "$#"; run_dir=$2; shift 2 ;;
-    --dest) kt_need_value "$1" "$#"; dest=$2; shift 2 ;;
-    --worker) kt_need_value "$1" "$#"; worker=$2; shift 2 ;;
+    --name) kt_need_value "$@"; name=$2; shift 2 ;;
+    --zone) kt_need_value "$@"; zone=$2; shift 2 ;;
+    --project) kt_need_value "$@"; project=$2; shift 2 ;;
+    --run-dir) kt_need_value "$@"; run_dir=$2; shift 2 ;;
+    --dest) kt_need_value "$@"; dest=$2; shift 2 ;;
+    --worker) kt_need_value "$@"; worker=$2; shift 2 ;;
     --dry-run) KT_DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) kt_die "unknown argument '$1'" ;;

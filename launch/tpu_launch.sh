@@ -38,16 +38,16 @@ name="" zone="" accel="" config="" project="" runtime="" run_name="" run_dir=run
 create_flags=() setup_flags=() run_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --name) kt_need_value "$1" "$#"; name=$2; shift 2 ;;
-    --zone) kt_need_value "$1" "$#"; zone=$2; shift 2 ;;
-    --accelerator-type) kt_need_value "$1" "$#"; accel=$2; shift 2 ;;
-    --config) kt_need_value "$1" "$#"; config=$2; shift 2 ;;
-    --project) kt_need_value "$1" "$#"; project=$2; shift 2 ;;
-    --runtime-version) kt_need_value "$1" "$#"; runtime=$2; shift 2 ;;
-    --data|--checkpoint) kt_need_value "$1" "$#"; setup_flags+=("$1" "$2"); shift 2 ;;
-    --run-name) kt_need_value "$1" "$#"; run_name=$2; shift 2 ;;
-    --run-dir) kt_need_value "$1" "$#"; run_dir=$2; shift 2 ;;
-    --dest) kt_need_value "$1" "$#"; dest=$2; shift 2 ;;
+    --name) kt_need_value "$@"; name=$2; shift 2 ;;
+    --zone) kt_need_value "$@"; zone=$2; shift 2 ;;
+    --accelerator-type) kt_need_value "$@"; accel=$2; shift 2 ;;
+    --config) kt_need_value "$@"; config=$2; shift 2 ;;
+    --project) kt_need_value "$@"; project=$2; shift 2 ;;
+    --runtime-version) kt_need_value "$@"; runtime=$2; shift 2 ;;
+    --data|--checkpoint) kt_need_value "$@"; setup_flags+=("$1" "$2"); shift 2 ;;
+    --run-name) kt_need_value "$@"; run_name=$2; shift 2 ;;
+    --run-dir) kt_need_value "$@"; run_dir=$2; shift 2 ;;
+    --dest) kt_need_value "$@"; dest=$2; shift 2 ;;
     --spot|--queued) create_flags+=("$1"); shift ;;
     --keep) keep=1; shift ;;
     --dry-run) KT_DRY_RUN=1; shift ;;

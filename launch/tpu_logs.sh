@@ -26,11 +26,11 @@ EOF
 name="" zone="" project="" run_name="" worker=0 follow=0
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --name) kt_need_value "$1" "$#"; name=$2; shift 2 ;;
-    --zone) kt_need_value "$1" "$#"; zone=$2; shift 2 ;;
-    --project) kt_need_value "$1" "$#"; project=$2; shift 2 ;;
-    --run-name) kt_need_value "$1" "$#"; run_name=$2; shift 2 ;;
-    --worker) kt_need_value "$1" "$#"; worker=$2; shift 2 ;;
+    --name) kt_need_value "$@"; name=$2; shift 2 ;;
+    --zone) kt_need_value "$@"; zone=$2; shift 2 ;;
+    --project) kt_need_value "$@"; project=$2; shift 2 ;;
+    --run-name) kt_need_value "$@"; run_name=$2; shift 2 ;;
+    --worker) kt_need_value "$@"; worker=$2; shift 2 ;;
     --follow) follow=1; shift ;;
     --dry-run) KT_DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;

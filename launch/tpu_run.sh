@@ -30,11 +30,11 @@ name="" zone="" project="" config="" run_name="" detach=0
 run_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --name) kt_need_value "$1" "$#"; name=$2; shift 2 ;;
-    --zone) kt_need_value "$1" "$#"; zone=$2; shift 2 ;;
-    --project) kt_need_value "$1" "$#"; project=$2; shift 2 ;;
-    --config) kt_need_value "$1" "$#"; config=$2; shift 2 ;;
-    --run-name) kt_need_value "$1" "$#"; run_name=$2; shift 2 ;;
+    --name) kt_need_value "$@"; name=$2; shift 2 ;;
+    --zone) kt_need_value "$@"; zone=$2; shift 2 ;;
+    --project) kt_need_value "$@"; project=$2; shift 2 ;;
+    --config) kt_need_value "$@"; config=$2; shift 2 ;;
+    --run-name) kt_need_value "$@"; run_name=$2; shift 2 ;;
     --detach) detach=1; shift ;;
     --dry-run) KT_DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;

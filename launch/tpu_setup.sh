@@ -32,13 +32,13 @@ source_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 data=() checkpoints=()
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --name) kt_need_value "$1" "$#"; name=$2; shift 2 ;;
-    --zone) kt_need_value "$1" "$#"; zone=$2; shift 2 ;;
-    --project) kt_need_value "$1" "$#"; project=$2; shift 2 ;;
-    --data) kt_need_value "$1" "$#"; data+=("$2"); shift 2 ;;
-    --checkpoint) kt_need_value "$1" "$#"; checkpoints+=("$2"); shift 2 ;;
-    --source) kt_need_value "$1" "$#"; source_dir=$2; shift 2 ;;
-    --python) kt_need_value "$1" "$#"; python=$2; shift 2 ;;
+    --name) kt_need_value "$@"; name=$2; shift 2 ;;
+    --zone) kt_need_value "$@"; zone=$2; shift 2 ;;
+    --project) kt_need_value "$@"; project=$2; shift 2 ;;
+    --data) kt_need_value "$@"; data+=("$2"); shift 2 ;;
+    --checkpoint) kt_need_value "$@"; checkpoints+=("$2"); shift 2 ;;
+    --source) kt_need_value "$@"; source_dir=$2; shift 2 ;;
+    --python) kt_need_value "$@"; python=$2; shift 2 ;;
     --dry-run) KT_DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) kt_die "unknown argument '$1'" ;;
