@@ -170,8 +170,9 @@ class FakeAnthropicServer:
                 key = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix("Bearer ")
                 with server._lock:
                     server.keys_seen[key] += 1
-                if key != server.api_key:
-                    self._error(401, "authentication_error")
+                if key != server.api_key:  # echoes the key, as a careless proxy might: tests check redaction
+                    self._send(401, json.dumps({"type": "error", "error": {
+                        "type": "authentication_error", "message": f"invalid x-api-key: {key}"}}))
                     return False
                 return True
 

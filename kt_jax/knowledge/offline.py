@@ -140,7 +140,7 @@ def split_facts(text: str) -> list[str]:
         facts.extend(_sentence(p) for p in merged)
     seen: set[str] = set()
     unique = [f for f in facts if len(_words(f)) > 0 and not (f.lower() in seen or seen.add(f.lower()))]
-    if unique and len(_words(unique[0])) < 3 and len(unique) > 1:  # a leading fragment joins the next fact
+    if unique and len(_words(unique[0])) < 2 and len(unique) > 1:  # a one-word lead ("Yes.") joins the next fact
         unique = [unique[0].rstrip(".") + " " + unique[1][0].lower() + unique[1][1:], *unique[2:]]
     return unique or ([_sentence(text)] if text.strip() else [])
 
@@ -179,7 +179,8 @@ class OfflineBackend(CachedBackend):
         for text in texts:
             for kind, pattern in _PATTERNS.items():
                 if kind not in ("month", "weekday"):
-                    found[kind].update(m.group(0).strip() for m in pattern.finditer(text))
+                    found[kind].update(m.group(0).strip() for m in pattern.finditer(text)
+                                       if m.group(0).strip() not in MONTHS + WEEKDAYS)
         self.pool = {k: sorted(v) for k, v in found.items()}
 
     def cache_identity(self) -> str:
