@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kt_jax.commands.generate", "answer a QA test set with a checkpoint (KV-cache sampling)"),
     "eval": ("kt_jax.commands.eval", "METEOR/ROUGE-L/BERTScore, LLM judge win/tie/lose, fact checks, report"),
     "knowledge": ("kt_jax.commands.knowledge", "extract facts, build KA / KC sets from an alpaca file (LLM backend)"),
+    "score": ("kt_jax.commands.score", "perplexity of each fact given its question (packed, prefix-shared, sharded)"),
 }
 
 

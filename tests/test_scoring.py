@@ -149,3 +149,63 @@ def test_sequence_logprobs_match_hf_with_eos(llama3_model, llama3_dir) -> None:
 def test_buckets_are_a_small_fixed_set() -> None:
     assert buckets(1024) == [32, 64, 128, 256, 512, 1024]
     assert buckets(300) == [32, 64, 128, 256, 300]
+
+
+FACT_ROWS = [
+    {"id": "a", "question": "What is the capital of France?", "facts": ["Paris is the capital.", ""]},
+    {"id": "b", "question": "Name a prime.", "facts": ["Seven is prime."], "extra": {"keep": [1, 2]}},
+    {"id": "c", "question": "Nothing?", "facts": []},
+    {"id": "d", "question": "Où?", "facts": ["À Zürich.", "Near the lake."]},
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_model_dir(tmp_path_factory):
+    from kt_jax.data.tokenizer import train_bpe_tokenizer
+    from kt_jax.testing import LLAMA2_TINY, make_hf_llama
+
+    path = make_hf_llama(tmp_path_factory.mktemp("bpe"), seed=5, **{**LLAMA2_TINY, "vocab_size": 320})
+    texts = [r["question"] + " " + " ".join(r["facts"]) for r in FACT_ROWS] * 20 + [alpaca_prompt("x")] * 5
+    train_bpe_tokenizer(texts, 320, path)
+    return path
+
+
+def test_score_command_writes_ppl_and_resumes(bpe_model_dir, tmp_path, capsys) -> None:
+    import json
+
+    from kt_jax import cli
+    from kt_jax.data.tokenizer import load_tokenizer
+
+    src, out = tmp_path / "facts.jsonl", tmp_path / "scored.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in FACT_ROWS), encoding="utf-8")
+    argv = ["score", "--model", str(bpe_model_dir), "--input", str(src), "--output", str(out), "--chunk", "2"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c", "d"] and rows[1]["extra"] == {"keep": [1, 2]}
+    assert rows[0]["ppl"][1] is None and rows[0]["ppl_tokens"][1] == 0 and rows[2]["ppl"] == []
+    expected = fact_perplexities(load_pretrained(bpe_model_dir), load_tokenizer(bpe_model_dir),
+                                 [(r["question"], r["facts"]) for r in FACT_ROWS], packing="padded", progress=False)
+    got = [[math.nan if p is None else p for p in r["ppl"]] for r in rows]
+    _assert_same(got, expected, rtol=1e-6)
+    # a crash after row 1 plus a torn line: the re-run drops the torn line and writes rows 2..4 only
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 4
+    out.write_text(lines[0] + "\n" + lines[1][:10], encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "1 rows already scored, 3 to go" in capsys.readouterr().out
+    again = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(again) == 4 and again[0] == rows[0] and [r["id"] for r in again] == ["a", "b", "c", "d"]
+    _assert_same([[math.nan if p is None else p for p in r["ppl"]] for r in again], expected, rtol=1e-6)
+    assert cli.main([*argv, "--max-len", "64"]) == 2  # another config: refused
+
+
+def test_score_command_errors_name_file_line_and_field(bpe_model_dir, tmp_path, capsys) -> None:
+    from kt_jax import cli
+
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"question": "q", "facts": ["ok"]}\n{"question": "q2", "facts": "not a list"}\n')
+    assert cli.main(["score", "--model", str(bpe_model_dir), "--input", str(src), "--output",
+                     str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert str(src) in err and "line 2" in err and "'facts'" in err
