@@ -172,10 +172,41 @@ def _grain_batches() -> dict[str, np.ndarray]:
     return {"grain_steps": np.stack(steps)}
 
 
+FACT_ITEMS = [
+    ("What is the capital of Veloria?", ["Veloria's capital is Marn.", "Marn lies on the river Tess.", "It is old."]),
+    ("Who founded the Order of Ash?", ["Ilse Varn founded it in 1204.", "The order guards the northern pass."]),
+    ("Name a Tessian export.", ["Salt.", "Tessia exports salt, copper and wool to its neighbours."]),
+]
+SEQ_PAIRS = [("### Instruction:\nSay hi.\n\n### Response:\n", "Hi there."),
+             ("### Instruction:\nCount to three.\n\n### Response:\n", "One, two, three.")]
+
+
+def case_scoring(ctx: Context) -> dict[str, np.ndarray]:
+    """Fact perplexities (prefix-shared packing) on both meshes, and DPO reference log-probs (sequence_logprobs)."""
+    try:
+        from kt_jax.scoring import fact_perplexities, sequence_logprobs
+    except ImportError as e:
+        raise Unavailable(f"kt_jax.scoring not importable ({e})") from None
+    from kt_jax.model.hf import load_pretrained
+
+    out = {}
+    for name in MESHES:
+        mesh = mesh_named(name)
+        model = load_pretrained(ctx.hf_dir, mesh=mesh)
+        ppl = fact_perplexities(model, Bytes(), FACT_ITEMS, max_len=256, mesh=mesh, progress=False, batch_size=8)
+        out[f"ppl_{name}"] = np.asarray([p for row in ppl for p in row])
+        if name == "2x4":
+            seq = sequence_logprobs(model, Bytes(), SEQ_PAIRS, max_len=256, mesh=mesh)
+            out["seq_logprob"] = np.asarray([lp for lp, _ in seq])
+            out["seq_tokens"] = np.asarray([n for _, n in seq])
+    return out
+
+
 CASES: dict[str, Callable[[Context], dict[str, np.ndarray]]] = {
     "forward": case_forward,
     "orbax": case_orbax,
     "batch_slices": case_batch_slices,
+    "scoring": case_scoring,
 }
 
 

@@ -154,3 +154,17 @@ def test_grain_slices_give_the_same_global_batches(runs: dict[str, Any]) -> None
     single, multi = results(runs, "batch_slices")
     assert multi["grain_steps"].shape[0] == 4  # 32 records, 8 per global batch, one epoch
     np.testing.assert_array_equal(multi["grain_steps"], single["grain_steps"])
+
+
+def test_fact_scoring_matches_one_process(runs: dict[str, Any]) -> None:
+    single, multi = results(runs, "scoring")
+    n_facts = sum(len(facts) for _, facts in mw.FACT_ITEMS)
+    for mesh in mw.MESHES:
+        ppl = multi[f"ppl_{mesh}"]
+        assert ppl.shape == (n_facts,) and np.all(np.isfinite(ppl)) and np.all(ppl > 1)
+        np.testing.assert_allclose(ppl, single[f"ppl_{mesh}"], rtol=1e-5)
+    np.testing.assert_allclose(multi["ppl_8x1"], multi["ppl_2x4"], rtol=1e-5)  # and across mesh shapes
+    # response tokens incl. EOS (Bytes: one id per UTF-8 byte)
+    assert list(multi["seq_tokens"]) == [len(r.encode()) + 1 for _, r in mw.SEQ_PAIRS]
+    np.testing.assert_array_equal(multi["seq_tokens"], single["seq_tokens"])
+    np.testing.assert_allclose(multi["seq_logprob"], single["seq_logprob"], rtol=1e-6)
