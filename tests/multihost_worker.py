@@ -172,6 +172,33 @@ def _grain_batches() -> dict[str, np.ndarray]:
     return {"grain_steps": np.stack(steps)}
 
 
+def case_process_zero_rule(ctx: Context) -> dict[str, np.ndarray]:
+    """main_process_only writers run once; broadcast_from_main gives every process process 0's value."""
+    import jax
+
+    from kt_jax.distributed import broadcast_from_main, main_process_only, sync
+
+    marker_dir = ctx.work_dir / f"writers_{ctx.tag}"
+    marker_dir.mkdir(parents=True, exist_ok=True)
+
+    @main_process_only
+    def write(i: int) -> str:
+        (marker_dir / f"written_by_{i}").write_text("x")
+        return "wrote"
+
+    returned = write(jax.process_index())
+    sync("writers")
+    mine = {"index": jax.process_index(), "resume_row": 17 + 100 * jax.process_index(), "text": "ü→ok"}
+    agreed = broadcast_from_main(mine)
+    from jax.experimental import multihost_utils
+
+    gathered = [mine["resume_row"], agreed["resume_row"], int(returned == "wrote"), int(agreed == mine)]
+    seen = np.asarray(multihost_utils.process_allgather(np.asarray(gathered))) if jax.process_count() > 1 else \
+        np.asarray([gathered])
+    return {"per_process": seen, "written": np.asarray(sorted(p.name for p in marker_dir.iterdir())),
+            "agreed_text": np.asarray(agreed["text"])}
+
+
 FACT_ITEMS = [
     ("What is the capital of Veloria?", ["Veloria's capital is Marn.", "Marn lies on the river Tess.", "It is old."]),
     ("Who founded the Order of Ash?", ["Ilse Varn founded it in 1204.", "The order guards the northern pass."]),
@@ -207,6 +234,7 @@ CASES: dict[str, Callable[[Context], dict[str, np.ndarray]]] = {
     "orbax": case_orbax,
     "batch_slices": case_batch_slices,
     "scoring": case_scoring,
+    "process_zero_rule": case_process_zero_rule,
 }
 
 

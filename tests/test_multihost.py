@@ -104,6 +104,14 @@ def test_two_processes_of_four_devices_and_only_process_0_writes(runs: dict[str,
     assert "[p0] " in err0 and "[p1] " in err1 and "every process warns" in err1
 
 
+def test_writers_run_on_process_zero_and_decisions_are_broadcast(runs: dict[str, Any]) -> None:
+    _, multi = results(runs, "process_zero_rule")
+    rows = multi["per_process"]  # per process: own resume_row, agreed resume_row, wrote?, agreed == own?
+    np.testing.assert_array_equal(rows, [[17, 17, 1, 1], [117, 17, 0, 0]])
+    assert list(multi["written"]) == ["written_by_0"]  # the decorated writer ran once, on process 0
+    assert str(multi["agreed_text"]) == "ü→ok"
+
+
 @pytest.mark.parametrize("mesh", sorted(mw.MESHES))
 def test_forward_logits_match_one_process(runs: dict[str, Any], llama2_dir: Path, mesh: str) -> None:
     from kt_jax.testing import hf_logits
