@@ -35,7 +35,7 @@ from kt_jax.knowledge.backend import CachedBackend, CallFailed, FatalBackendErro
 from kt_jax.knowledge.cache import KnowledgeCache
 
 log = logging.getLogger("kt_jax.knowledge")
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-sonnet-4-6"  # any Messages-API model name; set `model` in the config
 
 
 class RateLimiter:

@@ -48,6 +48,7 @@ class FakeAnthropicServer:
         self.calls: Counter = Counter()          # (op, data json) -> number of model calls
         self.fault_counts: Counter = Counter()   # fault kind -> times injected
         self.keys_seen: Counter = Counter()
+        self.http_requests: Counter = Counter()  # "POST /v1/messages", ... -> count (every HTTP request)
         self.batch_creates = 0
         self.batches: dict[str, dict[str, Any]] = {}
         self._cached_prefixes: set[str] = set()
@@ -167,6 +168,8 @@ class FakeAnthropicServer:
                 self._send(status, json.dumps({"type": "error", "error": {"type": kind, "message": kind}}), headers)
 
             def _auth(self) -> bool:
+                with server._lock:
+                    server.http_requests[f"{self.command} {re.sub(r'msgbatch_[0-9a-f]+', '{id}', self.path)}"] += 1
                 key = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix("Bearer ")
                 with server._lock:
                     server.keys_seen[key] += 1
