@@ -43,6 +43,9 @@ class WorldConfig:
     descriptions_per_entity: int = 4  # corpus documents per entity (varied wording, canonical order)
     narrow_questions: int = 1  # narrow questions per entity (besides "Tell me about X.")
     corpus_qa: bool = True  # add the train split's QA pairs (alpaca-templated) to the pretraining corpus
+    # first line of each corpus description ("" = none); "About {e}" puts the name in the same token form (after a
+    # space) as the question "Tell me about {e}." does, so the model learns to copy it into the first sentence.
+    title: str = "About {e}"
     optional_prob: float = 0.5  # chance that an entity has each optional attribute
 
     def __post_init__(self) -> None:

@@ -83,7 +83,8 @@ def corpus(world: World, train_questions: list[Question] | None = None) -> list[
     from kt_jax.data.templates import alpaca_prompt
 
     rng = random.Random(world.config.seed + 2)
-    docs = [description(world, ent, rng) for ent in world.entities.values()
+    title = lambda ent: world.config.title.format(e=ent.display) + "\n" if world.config.title else ""
+    docs = [title(ent) + description(world, ent, rng) for ent in world.entities.values()
             for _ in range(world.config.descriptions_per_entity)]
     if world.config.corpus_qa:
         qs = train_questions if train_questions is not None else splits(world)["train"]
