@@ -37,7 +37,8 @@ class KnowledgeConfig:
     limit: int | None = None             # only the first N rows
     workers: int = 4                     # concurrent backend calls
     alpha: float = 0.5                   # KA: share of facts (highest perplexity) rewritten
-    scorer: str = "model"                # model (kt_jax.scoring fact perplexity) | lexical (model-free stand-in)
+    scorer: str = "model"                # model (kt_jax.scoring fact perplexity) | file | lexical (model-free)
+    scores: str = ""                     # scorer=file: a `kt-jax score` output of facts.jsonl (rows with ppl)
     model: str = ""                      # HF Llama directory for the model scorer
     tokenizer: str = ""                  # tokenizer path ("" = the model directory)
     max_len: int = 1024                  # scorer: max tokens of question + fact
@@ -60,8 +61,10 @@ class KnowledgeConfig:
             raise ConfigError(f"beta: must be in (0, 1), got {self.beta}")
         if not 0 < self.revise_ratio <= 1:
             raise ConfigError(f"revise_ratio: must be in (0, 1], got {self.revise_ratio}")
-        if self.scorer not in ("model", "lexical"):
-            raise ConfigError(f"scorer: {self.scorer!r} is not one of model, lexical")
+        if self.scorer not in ("model", "file", "lexical"):
+            raise ConfigError(f"scorer: {self.scorer!r} is not one of model, file, lexical")
+        if self.scorer == "file" and not self.scores:
+            raise ConfigError("scores: scorer=file needs the path of a `kt-jax score` output")
         if self.combine not in ("concat", "llm"):
             raise ConfigError(f"combine: {self.combine!r} is not one of concat, llm")
 
@@ -89,10 +92,12 @@ def _bar(total: int, desc: str) -> Any:
 
 
 def _scorer(cfg: KnowledgeConfig, rows: list[dict[str, Any]]) -> Any:
-    from kt_jax.knowledge.augment import lexical_scorer, model_scorer
+    from kt_jax.knowledge.augment import file_scorer, lexical_scorer, model_scorer
 
     if cfg.scorer == "lexical":
         return lexical_scorer([r["answer"] for r in rows])
+    if cfg.scorer == "file":
+        return file_scorer(cfg.scores)
     if not cfg.model:
         raise ConfigError("model: the model scorer needs a HF model directory (or set scorer=lexical)")
     from kt_jax.data.tokenizer import load_tokenizer
@@ -125,7 +130,8 @@ def _augment(cfg: KnowledgeConfig, out: Path, backend: Any, rows: list[dict[str,
     from kt_jax.data.records import to_row
     from kt_jax.knowledge.augment import build_ka, score_facts
 
-    scorer_id = {"scorer": cfg.scorer, "model": cfg.model, "tokenizer": cfg.tokenizer, "max_len": cfg.max_len}
+    scorer_id = {"scorer": cfg.scorer, "model": cfg.model, "tokenizer": cfg.tokenizer, "max_len": cfg.max_len,
+                 "scores": cfg.scores and hashlib.sha256(Path(cfg.scores).read_bytes()).hexdigest()}
     digest = hashlib.sha256(json.dumps([scorer_id, [(r["question"], r["input"], r.get("facts")) for r in rows]],
                                        sort_keys=True).encode()).hexdigest()
     scored_path, meta_path = out / "scored.jsonl", out / "scored.meta.json"

@@ -14,6 +14,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kt_jax.data.records import KARecord, QARecord
@@ -30,19 +31,19 @@ def question_text(rec: QARecord) -> str:
 
 def extract_facts(backend: Any, records: Sequence[QARecord], *, workers: int = 4,
                   progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """One row per record: {id, question, input, answer, facts} or {id, ..., error} when rejected."""
+    """One row per record: {id, question, input, answer, facts} (+ `error`, with no facts, when rejected)."""
     datas = [{"question": question_text(r), "answer": r.answer} for r in records]
     outcomes = call_many(backend, "extract", datas, workers=workers, progress=progress)
     rows = []
     for i, (rec, out) in enumerate(zip(records, outcomes, strict=True)):
         row: dict[str, Any] = {"id": i, "question": rec.question, "input": rec.input, "answer": rec.answer}
-        row.update({"facts": out.value} if out.ok else {"error": out.error})
+        row.update({"facts": out.value} if out.ok else {"facts": [], "error": out.error})  # `kt-jax score` reads it
         rows.append(row)
     return rows
 
 
-def select_difficult(facts: Sequence[str], perplexities: Sequence[float], alpha: float = 0.5) -> list[str]:
-    """The max(1, floor(alpha * n)) facts with the highest perplexity, in answer order."""
+def select_difficult(facts: Sequence[str], perplexities: Sequence[float | None], alpha: float = 0.5) -> list[str]:
+    """The max(1, floor(alpha * n)) facts with the highest perplexity, in answer order (NaN/None rank last)."""
     if len(facts) != len(perplexities):
         raise DataError(f"select_difficult: {len(facts)} facts but {len(perplexities)} perplexities")
     if not facts:
@@ -50,7 +51,8 @@ def select_difficult(facts: Sequence[str], perplexities: Sequence[float], alpha:
     if not 0.0 < alpha <= 1.0:
         raise DataError(f"select_difficult: alpha must be in (0, 1], got {alpha}")
     k = max(1, math.floor(alpha * len(facts)))
-    ranked = sorted(range(len(facts)), key=lambda i: (-perplexities[i], i))[:k]
+    ppl = [p if p is not None and p == p else -math.inf for p in perplexities]  # NaN/None (no tokens) rank last
+    ranked = sorted(range(len(facts)), key=lambda i: (-ppl[i], i))[:k]
     return [facts[i] for i in sorted(ranked)]
 
 
@@ -67,7 +69,7 @@ def score_facts(rows: Sequence[dict[str, Any]], scorer: Scorer) -> list[dict[str
         if id(r) in scored:
             if len(scored[id(r)]) != len(r["facts"]):
                 raise DataError(f"scorer: row {r['id']}: {len(scored[id(r)])} perplexities for {len(r['facts'])} facts")
-            r = {**r, "perplexities": [float(x) for x in scored[id(r)]]}
+            r = {**r, "perplexities": [None if x is None or x != x else float(x) for x in scored[id(r)]]}
         out.append(r)
     return out
 
@@ -97,6 +99,29 @@ def build_ka(backend: Any, scored_rows: Sequence[dict[str, Any]], *, alpha: floa
         else:
             rejects.append({"id": r["id"], "stage": "rewrite", "question": r["question"], "reason": out.error})
     return records, rejects
+
+
+def file_scorer(path: str | Path) -> Scorer:
+    """Perplexities read from a `kt-jax score` output (rows with `question`, `facts`, `ppl`), matched by content."""
+    from kt_jax.data.records import read_rows
+
+    table: dict[tuple[str, ...], list[tuple[str, list[float | None]]]] = {}  # facts -> [(question, ppl)]
+    for i, row in enumerate(read_rows(path)):
+        if not isinstance(row, dict) or not isinstance(row.get("ppl"), list):
+            raise DataError(f"{path}: row {i}: field 'ppl': expected a list of perplexities")
+        table.setdefault(tuple(row.get("facts", [])), []).append((str(row.get("question")), row["ppl"]))
+
+    def score(items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        out = []
+        for question, facts in items:
+            # `kt-jax score` rows carry the instruction only; ours may append the input after a newline
+            hits = [ppl for q, ppl in table.get(tuple(facts), []) if q == question or question.startswith(f"{q}\n")]
+            if not hits:
+                raise DataError(f"{path}: no scored row for question {question[:60]!r} with these facts")
+            out.append([math.nan if p is None else float(p) for p in hits[0]])
+        return out
+
+    return score
 
 
 def lexical_scorer(texts: Sequence[str]) -> Scorer:

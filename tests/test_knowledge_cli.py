@@ -1,0 +1,111 @@
+"""`kt-jax knowledge extract|augment|compare|all` with the offline backend: files, resume, scorers, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kt_jax import cli
+from kt_jax.data.records import read_records
+
+ROWS = [
+    {"instruction": "Why is the sky blue?", "input": "", "output": "Sunlight scatters off air molecules. Blue light "
+     "scatters more than red light. The sun itself is white."},
+    {"instruction": "Who built the tower?", "input": "", "output": "Gustave Eiffel built the tower in 1889."},
+    {"instruction": "Summarise the text.", "input": "Rome was founded in 753 BC.", "output": "Rome is old; it was "
+     "founded in 753 BC, and it grew into an empire."},
+    {"instruction": "Empty one?", "input": "", "output": "  "},
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(ROWS))
+    return path
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_all_stages_write_alpaca_and_ranking_files_and_resume(data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["knowledge", "all", f"data={data}", f"out={out}", "scorer=lexical", "alpha=0.5"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "rows: 3" in first and "KA rewritten: 3" in first and "skipped 1 empty-answer" in first
+    facts = _read(out / "facts.jsonl")
+    assert [r["id"] for r in facts] == [0, 1, 2] and facts[2]["input"] == "Rome was founded in 753 BC."
+    assert facts[0]["facts"][1] == "Blue light scatters more than red light."
+    ka, _ = read_records(out / "ka.json", "ka")
+    assert [k.provenance for k in ka].count("original") == 3 and ka[1].source_question == "Why is the sky blue?"
+    assert _read(out / "ka.jsonl") == json.loads((out / "ka.json").read_text())
+    kc, _ = read_records(out / "kc.json", "kc")
+    assert [k.aspect for k in kc].count("factuality") == 3 and all(k.chosen != k.rejected for k in kc)
+    assert "KC single_fact: 1" in first  # the Eiffel answer has one fact: only a factuality pair
+    assert (out / "knowledge_config.yaml").exists() and (out / "rejects_compare.jsonl").read_text() == ""
+    summary = json.loads((out / "summary_all.json").read_text())
+    assert summary["stats"]["facts"] == sum(len(r["facts"]) for r in facts)
+    before = {p.name: p.read_text() for p in out.glob("k[ac].json")}
+    assert cli.main(argv) == 0
+    again = capsys.readouterr().out
+    assert "0 calls" in again and "cache hits" in again  # resumed entirely from the cache
+    assert {p.name: p.read_text() for p in out.glob("k[ac].json")} == before
+    assert cli.main(["knowledge", "compare", f"data={data}", f"out={out}", "beta=0.3", "seed=1"]) == 0
+    assert "0 calls" in capsys.readouterr().out  # compare reuses facts.jsonl and cached rephrase/revise
+
+
+def test_file_scorer_uses_kt_jax_score_output(data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert cli.main(["knowledge", "extract", f"data={data}", f"out={out}"]) == 0
+    facts = _read(out / "facts.jsonl")
+    # a `kt-jax score` output: the last fact of every answer is the hardest; None = no tokens
+    scored = [{"id": r["id"], "question": r["question"], "facts": r["facts"],
+               "ppl": [None] + [float(i) for i in range(1, len(r["facts"]))]} for r in facts]
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+    argv = ["knowledge", "augment", f"data={data}", f"out={out}", "scorer=file", f"scores={tmp_path / 'scored.jsonl'}"]
+    assert cli.main(argv) == 0
+    rows = _read(out / "scored.jsonl")
+    assert rows[0]["perplexities"][0] is None
+    ka, _ = read_records(out / "ka.json", "ka")
+    rewritten = [k for k in ka if k.provenance == "rewritten"]
+    assert rewritten[0].answer == facts[0]["facts"][-1]  # floor(0.5 * 3) = 1 fact: the highest perplexity
+    assert rewritten[1].answer == facts[1]["facts"][0]   # a single (None-scored) fact is still kept
+    capsys.readouterr()
+    assert cli.main([*argv[:4], "scorer=file"]) == 2
+    assert "scorer=file needs" in capsys.readouterr().err
+
+
+def test_errors_name_the_key_or_file(tmp_path, capsys) -> None:
+    assert cli.main(["knowledge", "extract", "out=x"]) == 2
+    assert "data and out are required" in capsys.readouterr().err
+    assert cli.main(["knowledge", "extract", f"data={tmp_path / 'nope.json'}", f"out={tmp_path}"]) == 2
+    assert "nope.json: file does not exist" in capsys.readouterr().err
+    assert cli.main(["knowledge", "augment", f"data={tmp_path}", "out=x", "alpha=0"]) == 2
+    assert "alpha: must be in (0, 1]" in capsys.readouterr().err
+    assert cli.main(["knowledge", "compare", "data=a", "out=b", "backend=gpt"]) == 2
+    assert "backend: 'gpt'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_model_scorer_end_to_end(data, tmp_path, capsys) -> None:
+    from kt_jax.data.templates import alpaca_prompt
+    from kt_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from kt_jax.model.hf import load_pretrained
+    from kt_jax.scoring import fact_perplexities
+    from kt_jax.testing import LLAMA2_TINY, make_hf_llama
+
+    model_dir = make_hf_llama(tmp_path / "m", seed=5, **{**LLAMA2_TINY, "vocab_size": 320})
+    train_bpe_tokenizer([r["instruction"] + " " + r["output"] for r in ROWS] * 20 + [alpaca_prompt("x")] * 5, 320,
+                        model_dir)
+    out = tmp_path / "run"
+    assert cli.main(["knowledge", "augment", f"data={data}", f"out={out}", f"model={model_dir}"]) == 0
+    rows = _read(out / "scored.jsonl")
+    expect = fact_perplexities(load_pretrained(model_dir), load_tokenizer(model_dir),
+                               [(r["question"] if not r["input"] else f"{r['question']}\n{r['input']}", r["facts"])
+                                for r in rows], progress=False)
+    for r, e in zip(rows, expect, strict=True):
+        assert r["perplexities"] == pytest.approx(e, rel=1e-5) and all(math.isfinite(p) for p in e)
