@@ -132,3 +132,26 @@ def test_kendall_tau_by_hand():
     assert kendall_tau([1, 0, 2]) == pytest.approx(1 / 3)  # pairs: (1,0)- (1,2)+ (0,2)+
     with pytest.raises(ValueError):
         kendall_tau([0])
+
+
+def test_negated_sentence_states_nothing(world):
+    r = Checker(world).check("Tasmora is not known for its wool. Tasmora has a population of 12400.", "place0")
+    assert [(t.attribute, t.value) for t in r.stated] == [("population", 12400)]
+
+
+def test_offline_backend_extracts_one_fact_per_sentence_and_rephrase_keeps_scores():
+    offline = pytest.importorskip("kt_jax.knowledge.offline")
+    from kt_jax.world import generate_world, splits
+    from kt_jax.world.render import record
+
+    gen = generate_world(WorldConfig(seed=0))
+    checker = Checker(gen)
+    items = [(q, record(gen, q)) for q in splits(gen)["train"]]
+    backend = offline.OfflineBackend(cache=None, texts=[r["output"] for _, r in items])
+    for q, rec in items:
+        facts = backend.extract(q.instruction, rec["output"])
+        assert len(facts) == len(q.attributes)
+        assert all(len(checker.triples(f, q.entity_id)) == 1 for f in facts)
+        rephrased = backend.rephrase(q.instruction, rec["output"])
+        r = checker.check(rephrased, q.entity_id, q.attributes)
+        assert (r.completeness, r.factuality, r.logicality) == (1.0, 1.0, None if len(q.attributes) < 2 else 1.0)

@@ -5,7 +5,7 @@ numbers are found; the subject is the first entity named (a pronoun or no entity
 other value is assigned to the subject's attribute of that value type, using the attribute keywords nearest the
 value when the type is ambiguous (born/died years) and the inverse relation when the subject is the value's
 entity ("X founded the Y Guild" -> (Y Guild, founder, X)). A keyword with an unknown capitalised name after it
-("X was born in Zorbia") is a stated fact with a wrong value.
+("X was born in Zorbia") is a stated fact with a wrong value. A negated sentence states nothing.
 
 Scores for one answer about entity E with gold attributes G:
   completeness = |G stated correctly| / |G|;  factuality = correct / stated (all stated triples, any entity);
@@ -26,6 +26,7 @@ from kt_jax.world.schema import ENTITY_KINDS, SCHEMA, canonical_index
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 _NUMBER = re.compile(r"(?<![\w,])(\d{1,3}(?:,\d{3})+|\d+)(?![\w]|,\d)")
+_NEGATION = re.compile(r"\b(?:not|never|no longer)\b|n't\b|\bit is not true\b")
 _CAPS = re.compile(r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*")
 _FUNCTION_CAPS = {"The", "In", "As", "By", "At", "On", "After", "Before", "During", "His", "Her", "Its", "Their",
                   "He", "She", "It", "They", "This", "That", "Later", "Today", "Born"}
@@ -155,8 +156,10 @@ class Checker:
         out: list[Triple] = []
         for idx, sentence in enumerate(s for s in _SENT_SPLIT.split(text) if s.strip()):
             sentence = sentence.strip().lstrip("-*• ").strip()
-            mentions = self._mentions(sentence)
             lower = sentence.lower()
+            if _NEGATION.search(lower):  # "X is not known for its salt" states no value
+                continue
+            mentions = self._mentions(sentence)
             spans = [(m.start, m.end) for m in mentions]
             first_word = lower.split(" ", 1)[0].strip(",;:")
             entity_mentions = [m for m in mentions if m.vtype in ENTITY_KINDS]
