@@ -57,6 +57,9 @@ _ANTONYM_PAIRS = [
     ("include", "exclude"), ("includes", "excludes"), ("healthy", "unhealthy"), ("possible", "impossible"),
 ]
 ANTONYMS = {a: b for a, b in _ANTONYM_PAIRS} | {b: a for a, b in _ANTONYM_PAIRS}
+_SUBJECT_END = {"is", "are", "was", "were", "has", "have", "had", "can", "could", "will", "would", "should", "may",
+                "might", "must", "does", "do", "did", "refers", "means", "includes", "contains", "consists", "became",
+                "becomes", "provides", "helps", "requires", "allows", "uses", "lives", "lies", "comes", "makes"}
 _SYNONYMS = {
     "typically": "usually", "usually": "typically", "often": "frequently", "frequently": "often",
     "important": "significant", "significant": "important", "however": "that said", "also": "additionally",
@@ -182,11 +185,12 @@ class OfflineBackend(CachedBackend):
                     found[kind].update(m.group(0).strip() for m in pattern.finditer(text)
                                        if m.group(0).strip() not in MONTHS + WEEKDAYS)
         self.pool = {k: sorted(v) for k, v in found.items()}
+        digest = hashlib.sha256(json.dumps(self.pool, sort_keys=True).encode()).hexdigest()[:12]
+        self._identity = f"{self.model}:{digest}"
 
     def cache_identity(self) -> str:
         """Model name plus a digest of the replacement pool (it changes `revise` answers)."""
-        digest = hashlib.sha256(json.dumps(self.pool, sort_keys=True).encode()).hexdigest()[:12]
-        return f"{self.model}:{digest}"
+        return self._identity
 
     # -- operations --------------------------------------------------------------------------------------------
     def _compute(self, op: str, data: dict[str, Any], attempt: int) -> dict[str, Any]:
@@ -209,9 +213,10 @@ class OfflineBackend(CachedBackend):
     def _rewrite(self, question: str, facts: list[str]) -> tuple[str, str]:
         first = facts[0].strip().rstrip(".!?")
         words = first.split()
-        aux = next((i for i, w in enumerate(words[:10]) if w.lower() in ("is", "are", "was", "were", "has",
-                                                                           "have", "can", "will")), None)
-        subject = " ".join(words[:aux] if aux else words[:6]) or first
+        aux = next((i for i, w in enumerate(words[:8]) if w.lower() in _SUBJECT_END), None)
+        if not aux:  # no recognisable subject: ask for the details generically
+            return f'Regarding the question "{question.strip()}", what are the key details?', combine_facts(facts)
+        subject = " ".join(words[:aux])
         subject = subject[0].lower() + subject[1:] if subject[:1].isupper() and not subject[1:2].isupper() else subject
         q = f'Regarding the question "{question.strip()}", what are the specific details about {subject}?'
         return q, combine_facts(facts)
