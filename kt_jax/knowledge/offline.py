@@ -60,6 +60,7 @@ ANTONYMS = {a: b for a, b in _ANTONYM_PAIRS} | {b: a for a, b in _ANTONYM_PAIRS}
 _SUBJECT_END = {"is", "are", "was", "were", "has", "have", "had", "can", "could", "will", "would", "should", "may",
                 "might", "must", "does", "do", "did", "refers", "means", "includes", "contains", "consists", "became",
                 "becomes", "provides", "helps", "requires", "allows", "uses", "lives", "lies", "comes", "makes"}
+_PRONOUNS = {"it", "they", "this", "that", "these", "those", "he", "she", "there", "we", "you", "i", "its", "their"}
 _SYNONYMS = {
     "typically": "usually", "usually": "typically", "often": "frequently", "frequently": "often",
     "important": "significant", "significant": "important", "however": "that said", "also": "additionally",
@@ -214,7 +215,7 @@ class OfflineBackend(CachedBackend):
         first = facts[0].strip().rstrip(".!?")
         words = first.split()
         aux = next((i for i, w in enumerate(words[:8]) if w.lower() in _SUBJECT_END), None)
-        if not aux:  # no recognisable subject: ask for the details generically
+        if not aux or words[0].lower() in _PRONOUNS:  # no usable subject: ask for the details generically
             return f'Regarding the question "{question.strip()}", what are the key details?', combine_facts(facts)
         subject = " ".join(words[:aux])
         subject = subject[0].lower() + subject[1:] if subject[:1].isupper() and not subject[1:2].isupper() else subject
