@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -71,6 +73,18 @@ def test_cache_concurrent_writers(tmp_path) -> None:
         t.join()
     assert caches[0].counts() == {"ok": 400}
     assert caches[1].get("7-49") == ("ok", {"facts": ["49"]})
+
+
+def test_cache_two_processes_write_the_same_file(tmp_path) -> None:
+    path = tmp_path / "c.sqlite3"
+    child = ("import sys\nfrom kt_jax.knowledge.cache import KnowledgeCache\nc = KnowledgeCache(sys.argv[1])\n"
+             "for j in range(300):\n    c.put(f'child-{j}', 'extract', {'facts': [str(j)]})\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, str(path)])
+    cache = KnowledgeCache(path)
+    for j in range(300):
+        cache.put(f"parent-{j}", "extract", {"facts": [str(j)]})
+    assert proc.wait(timeout=60) == 0
+    assert cache.counts() == {"ok": 600} and cache.get("child-299") == ("ok", {"facts": ["299"]})
 
 
 class Scripted(CachedBackend):

@@ -48,7 +48,14 @@ class KnowledgeCache:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            for attempt in range(50):  # switching to WAL needs a moment alone with a brand-new file
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.1)
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
