@@ -141,6 +141,7 @@ def test_make_backend(tmp_path) -> None:
     b = make_backend("offline", cache=str(tmp_path / "c.sqlite3"), validation_retries="1")
     assert isinstance(b, KnowledgeBackend) and b.validation_retries == 1
     assert make_backend("offline", cache="none").cache is None
+    assert make_backend("anthropic", cache="none", api_key="k", base_url="http://127.0.0.1:9").cache is None
     with pytest.raises(ConfigError, match="choose 'offline' or 'anthropic'"):
         make_backend("gpt")
     with pytest.raises(ConfigError, match="bad option"):

@@ -89,7 +89,7 @@ class AnthropicBackend(CachedBackend):
 
     name = "anthropic"
 
-    def __init__(self, model: str = DEFAULT_MODEL, cache: KnowledgeCache | str | Path | None = None, *,
+    def __init__(self, model: str = DEFAULT_MODEL, cache: KnowledgeCache | str | Path | bool | None = None, *,
                  api_key: str | None = None, api_key_env: str = "ANTHROPIC_API_KEY", base_url: str | None = None,
                  max_tokens: int = 1024, max_tokens_limit: int = 8192, temperature: float | None = None,
                  timeout: float = 120.0, max_retries: int = 6, workers: int = 8, requests_per_minute: float = 0.0,

@@ -76,10 +76,10 @@ class CachedBackend:
 
     name = "base"
 
-    def __init__(self, model: str, cache: KnowledgeCache | str | Path | None = None, *,
+    def __init__(self, model: str, cache: KnowledgeCache | str | Path | bool | None = None, *,
                  validation_retries: int = 2, retry_rejects: bool = False):
         self.model = model
-        self.cache = KnowledgeCache(cache) if isinstance(cache, str | Path) else cache
+        self.cache = KnowledgeCache(cache) if isinstance(cache, str | Path) else (cache or None)
         self.validation_retries = int(validation_retries)
         self.retry_rejects = bool(retry_rejects)
         self.stats = CallStats()
@@ -249,13 +249,14 @@ def _coerce_option(value: Any) -> Any:
 def make_backend(kind: str = "offline", **options: Any) -> CachedBackend:
     """An "offline" (deterministic, no network) or "anthropic" backend; options go to its constructor.
 
-    Common options: `cache` (sqlite path; "none" disables), `validation_retries`, `retry_rejects`. The offline
+    Common options: `cache` (sqlite path; "none" disables; offline default: none, Anthropic default:
+    `$KT_JAX_CACHE` or `~/.cache/kt-jax/knowledge.sqlite3`), `validation_retries`, `retry_rejects`. The offline
     backend also takes `dataset` (alpaca file whose text supplies replacement values for `revise`); the Anthropic
     backend takes `model`, `base_url`, `api_key_env`, `workers`, `requests_per_minute`, `batch`, prices, ...
     """
     opts = {k.replace("-", "_"): _coerce_option(v) for k, v in options.items()}
-    if opts.get("cache") in ("none", "", None):
-        opts.pop("cache", None)
+    if "cache" in opts and opts["cache"] in ("none", "", None, False):
+        opts["cache"] = False  # explicitly disabled (None would mean: the backend's default location)
     if kind == "offline":
         from kt_jax.knowledge.offline import OfflineBackend
 

@@ -164,7 +164,7 @@ class OfflineBackend(CachedBackend):
 
     name = "offline"
 
-    def __init__(self, model: str = "offline-rules-1", cache: KnowledgeCache | str | Path | None = None, *,
+    def __init__(self, model: str = "offline-rules-1", cache: KnowledgeCache | str | Path | bool | None = None, *,
                  dataset: str | Path | None = None, texts: Iterable[str] = (), validation_retries: int = 0,
                  retry_rejects: bool = False):
         super().__init__(model, cache, validation_retries=validation_retries, retry_rejects=retry_rejects)
