@@ -187,13 +187,15 @@ class AnthropicBackend(CachedBackend):
             self._batch_job(op, {k: unique[k] for k in keys}, f"{job_base}:{i}")
 
     def _batch_job(self, op: str, items: dict[str, dict[str, Any]], job: str) -> None:
+        # Round r's batch id is saved before waiting and kept until the whole job ends, so a resumed job replays
+        # every round by id (collecting again is idempotent) and submits only rounds that never started.
         reasons: dict[str, str] = {}
-        for attempt in range(self.validation_retries + 1):
-            round_job = f"{job}:{attempt}"
+        rounds = [f"{job}:{attempt}" for attempt in range(self.validation_retries + 1)]
+        for attempt, round_job in enumerate(rounds):
             found = self.cache.find_batch(round_job)
             pending = {k: d for k, d in items.items() if self.cached(op, d) is None}
             if found is None and not pending:
-                return
+                break
             if found is None:
                 requests = [{"custom_id": k[:64], "params": self.request_params(op, d, attempt)}
                             for k, d in pending.items()]
@@ -205,11 +207,12 @@ class AnthropicBackend(CachedBackend):
                 batch_id = found[0]
                 log.info("resuming message batch %s for %s", batch_id, op)
             reasons.update(self._collect(op, items, batch_id))
-            self.cache.drop_batch(round_job)
         for k, d in items.items():
             if self.cached(op, d) is None:
                 self.store_reject(op, d, f"batch: {reasons.get(k, 'no result')} (after "
                                          f"{self.validation_retries + 1} rounds)")
+        for round_job in rounds:
+            self.cache.drop_batch(round_job)
 
     def _api(self, fn: Any, what: str) -> Any:
         try:
