@@ -1,0 +1,1 @@
+"""Training: state (trainable/frozen split), optimizer, SFT/DPO steps, loop with eval and orbax checkpoints."""

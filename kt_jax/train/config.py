@@ -1,0 +1,90 @@
+"""Typed configs of the training core (optimizer, schedule, loop, checkpoints, DPO objective)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kt_jax.errors import ConfigError
+from kt_jax.ops.losses import LOSS_TYPES, SFT_REDUCTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + linear warmup + cosine decay to `end_lr_ratio`·lr (HF Trainer `cosine`), global-norm clipping."""
+
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad field."""
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps (optimizer updates), accumulation, evaluation, checkpoints, logging."""
+
+    num_steps: int | None = None  # None: num_epochs passes over the training rows
+    num_epochs: float = 3.0
+    grad_accum: int = 1
+    eval_rows: int = 100  # held-out rows (the original's val_size) taken from the training file
+    eval_every_frac: float = 0.1  # evaluate every 10% of the steps (and at the end), keep the best
+    eval_batches: int | None = None  # cap on eval batches per evaluation (None: all held-out rows)
+    save_every: int | None = None  # None: at every evaluation
+    keep_checkpoints: int = 2
+    async_checkpoints: bool = True
+    log_every: int = 1
+    max_in_flight: int = 2  # dispatched steps not yet fetched (jax 0.10.2 CPU-mesh hang: keep small)
+    compute_dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: bool = False
+    chunk_size: int = 128
+    seed: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad field."""
+        if self.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 < self.eval_every_frac <= 1:
+            raise ConfigError(f"train.eval_every_frac must be in (0, 1], got {self.eval_every_frac}")
+        if self.max_in_flight < 1 or self.max_in_flight > 16:
+            raise ConfigError(f"train.max_in_flight must be in [1, 16], got {self.max_in_flight}")
+        if self.compute_dtype not in ("float32", "bfloat16") or self.param_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("train.compute_dtype / train.param_dtype must be float32 or bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The preference objective (KnowTuning: sigmoid, beta 0.1, gamma = sft_weight 0.2, reference = base)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    sft_weight: float = 0.2
+    sft_reduction: str = "example"
+    reference: str = "base"  # base: the model with LoRA off; init: the initial weights (adapters included)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad field."""
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"dpo.loss_type: {self.loss_type!r} is not one of {LOSS_TYPES}")
+        if self.sft_reduction not in SFT_REDUCTIONS:
+            raise ConfigError(f"dpo.sft_reduction: {self.sft_reduction!r} is not one of {SFT_REDUCTIONS}")
+        if self.reference not in ("base", "init"):
+            raise ConfigError(f"dpo.reference: {self.reference!r} is not one of ['base', 'init']")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5): {self.beta}, "
+                              f"{self.label_smoothing}")

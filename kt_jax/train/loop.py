@@ -1,0 +1,202 @@
+"""The training loop: microbatches from a Grain iterator, bounded in-flight steps, eval + best, checkpoints, resume.
+
+At most `max_in_flight` steps are dispatched but not yet fetched (jax 0.10.2 deadlocks on CPU meshes when many
+collective-bearing steps are queued). Before every evaluation / checkpoint all in-flight steps are fetched and
+checked, so every saved checkpoint comes after finite steps only; a non-finite loss or gradient norm stops the
+run with `TrainingDiverged`, naming the step and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kt_jax.errors import KtJaxError
+from kt_jax.sharding import ShardingRules
+from kt_jax.train.checkpoint import Checkpoints
+from kt_jax.train.config import TrainConfig
+from kt_jax.train.logging import MetricsLog
+from kt_jax.train.state import TrainState
+
+
+class TrainingDiverged(KtJaxError):
+    """The loss or gradient norm became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run did: steps, the last metrics, the best evaluation, wall time and tokens."""
+
+    steps: int
+    resumed_from: int | None
+    last_metrics: dict[str, float]
+    best_step: int | None
+    best_eval_loss: float | None
+    evals: list[dict[str, float]]
+    seconds: float
+    tokens: float
+
+
+def stack_micro(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Host batches -> one dict of [A, B, ...] arrays (sequence fields zero-padded to the longest T)."""
+    out = {}
+    for key in batches[0]:
+        xs = [np.asarray(b[key]) for b in batches]
+        if xs[0].ndim == 2:
+            t = max(x.shape[1] for x in xs)
+            xs = [np.pad(x, ((0, 0), (0, t - x.shape[1]))) for x in xs]
+        out[key] = np.stack(xs)
+    return out
+
+
+def to_device(micro: dict[str, np.ndarray], mesh: Mesh | None, rules: ShardingRules | None = None) -> dict[str, Any]:
+    """[A, B, ...] host arrays -> device arrays sharded over the batch axis B (axis 1) of the mesh."""
+    if mesh is None:
+        return {k: jax.device_put(v) for k, v in micro.items()}
+    batch_axes = (rules or ShardingRules()).mesh_axes("batch")
+    out = {}
+    for key, x in micro.items():
+        sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, *([None] * (x.ndim - 2))))
+        shape = (x.shape[0], x.shape[1] * jax.process_count(), *x.shape[2:])
+        out[key] = jax.make_array_from_process_local_data(sharding, x, shape)
+    return out
+
+
+def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(eval_step: Callable[..., Any], ts: TrainState, batches: Iterable[dict[str, np.ndarray]],
+             mesh: Mesh | None, limit: int | None = None) -> dict[str, float]:
+    """Mean of each metric over held-out batches (one microbatch each); {} when there are none."""
+    sums: dict[str, float] = {}
+    n = 0
+    for i, batch in enumerate(batches):
+        if limit is not None and i >= limit:
+            break
+        m = _host_metrics(eval_step(ts.params, ts.frozen, to_device(stack_micro([batch]), mesh)))
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+    return {k: v / n for k, v in sums.items()} if n else {}
+
+
+def train(
+    ts: TrainState,
+    train_step: Callable[..., Any],
+    data: Iterator[dict[str, np.ndarray]],
+    *,
+    cfg: TrainConfig,
+    total_steps: int,
+    run_dir: str | Path,
+    mesh: Mesh | None = None,
+    eval_step: Callable[..., Any] | None = None,
+    eval_data: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+    lr_fn: Callable[[int], float] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Run (or resume) to `total_steps` optimizer steps; checkpoints under `<run_dir>/checkpoints`.
+
+    `data` yields host batch dicts (INTERFACES.md) and has `get_state`/`set_state` (the Grain iterator);
+    `grad_accum` batches make one step. `on_step(step)` is called after each step's metrics are fetched.
+    """
+    run_dir = Path(run_dir)
+    ckpt = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+    eval_every = max(1, round(total_steps * cfg.eval_every_frac))
+    save_every = cfg.save_every or eval_every
+    best_loss, best_step, evals = None, None, []
+    resumed_from = ckpt.latest_step()
+    if resumed_from is not None:
+        data_state, meta = ckpt.restore(ts)
+        if data_state and hasattr(data, "set_state"):
+            data.set_state(data_state)
+        best_loss, best_step = meta.get("best_eval_loss"), meta.get("best_step")
+    log = MetricsLog(run_dir, tensorboard=cfg.tensorboard, resume_step=ts.step)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=ts.step, desc="train", unit="step", dynamic_ncols=True)
+    pending: deque[tuple[int, Any, float]] = deque()
+    last: dict[str, float] = {}
+    last_good = resumed_from
+    tokens_total, t_start = 0.0, time.perf_counter()
+    t_prev, tok_window = t_start, 0.0
+
+    def fetch_one() -> None:
+        nonlocal last, tokens_total, t_prev, tok_window
+        step, metrics, _ = pending.popleft()
+        m = _host_metrics(metrics)
+        if m.get("nonfinite", 0.0) > 0 or not np.isfinite(m.get("loss", 0.0)):
+            ckpt.wait()
+            where = f"step {last_good} in {ckpt.directory / 'latest'}" if last_good is not None else "none saved yet"
+            raise TrainingDiverged(f"non-finite loss ({m.get('loss')}) or grad norm ({m.get('grad_norm')}) at step "
+                                   f"{step}; training stopped, last good checkpoint: {where}")
+        tokens_total += m.get("tokens", 0.0)
+        tok_window += m.get("tokens", 0.0)
+        now = time.perf_counter()
+        m["tokens_per_s"] = tok_window / max(now - t_prev, 1e-9)
+        if lr_fn is not None:
+            m["lr"] = float(lr_fn(step - 1))
+        last = m
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.write(step, m)
+            t_prev, tok_window = now, 0.0
+        if bar is not None:
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            bar.update(1)
+        if on_step is not None:
+            on_step(step)
+
+    def drain() -> None:
+        while pending:
+            fetch_one()
+
+    try:
+        while ts.step < total_steps:
+            batches = []
+            for _ in range(cfg.grad_accum):
+                try:
+                    batches.append(next(data))
+                except StopIteration:
+                    break
+            if not batches:
+                break
+            micro = to_device(stack_micro(batches), mesh)
+            ts.params, ts.opt_state, metrics = train_step(ts.params, ts.opt_state, ts.frozen, micro)
+            ts.step += 1
+            pending.append((ts.step, metrics, time.perf_counter()))
+            if len(pending) >= cfg.max_in_flight:
+                fetch_one()
+            is_eval = ts.step % eval_every == 0 or ts.step == total_steps
+            if is_eval and eval_step is not None and eval_data is not None:
+                drain()
+                ev = evaluate(eval_step, ts, eval_data(), mesh, cfg.eval_batches)
+                if ev:
+                    evals.append({"step": ts.step, **ev})
+                    log.write(ts.step, ev, prefix="eval")
+                    if best_loss is None or ev["loss"] < best_loss:
+                        best_loss, best_step = ev["loss"], ts.step
+                        ckpt.save_best(ts, {"eval_loss": best_loss})
+            if ts.step % save_every == 0 or ts.step == total_steps:
+                drain()
+                state = data.get_state() if hasattr(data, "get_state") else {}
+                ckpt.save(ts, state, {"best_eval_loss": best_loss, "best_step": best_step})
+                last_good = ts.step
+        drain()
+        ckpt.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+        ckpt.close()
+    return TrainResult(ts.step, resumed_from, last, best_step, best_loss, evals, time.perf_counter() - t_start,
+                       tokens_total)

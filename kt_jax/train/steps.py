@@ -1,0 +1,119 @@
+"""Jitted SFT / DPO train and eval steps over microbatches (gradient accumulation), with a NaN/Inf guard.
+
+A step takes the trained params (pure dict), optimizer state, frozen state and a batch dict whose arrays have
+a leading microbatch axis [A, B, ...]; it averages the A microbatch losses/gradients (as HF Trainer does with
+gradient accumulation), clips, applies AdamW, and returns metrics. When the loss or the gradient norm is not
+finite the update is skipped (params and optimizer state returned unchanged) and `nonfinite` = 1 is reported.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kt_jax.ops.logprobs import masked_sum, model_token_logprobs
+from kt_jax.ops.losses import dpo_loss, sft_loss
+from kt_jax.train.config import DPOConfig
+from kt_jax.train.state import TrainState, merge_params
+
+LossFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+
+
+def make_sft_loss(chunk_size: int = 128) -> LossFn:
+    """Masked token-mean CE of an SFT batch."""
+    return functools.partial(sft_loss, chunk_size=chunk_size)
+
+
+def dpo_policy_logps(model: Any, batch: dict[str, jax.Array], chunk_size: int = 128
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(chosen summed logps, rejected summed logps, chosen token counts, rejected counts), one forward."""
+    b = batch["chosen_input_ids"].shape[0]
+    both = {f: jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in SEQ_FIELDS}
+    logp_2BxT = model_token_logprobs(model, both, chunk_size=chunk_size)
+    sums, counts = masked_sum(logp_2BxT, both["loss_mask"])
+    return sums[:b], sums[b:], counts[:b], counts[b:]
+
+
+def make_dpo_loss(cfg: DPOConfig, chunk_size: int = 128) -> LossFn:
+    """DPO (+ the chosen NLL term) of a preference batch with stored reference log-probs; pad rows weigh 0."""
+
+    def loss_fn(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        pc, pr, nc, nr = dpo_policy_logps(model, batch, chunk_size)
+        weights = ((nc > 0) & (nr > 0)).astype(jnp.float32)
+        loss, metrics = dpo_loss(
+            pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=cfg.beta, loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free, sft_weight=cfg.sft_weight,
+            chosen_nll=-pc / jnp.maximum(nc, 1.0), chosen_tokens=nc, sft_reduction=cfg.sft_reduction,
+            weights=weights)
+        return loss, metrics
+
+    return loss_fn
+
+
+def _token_count(batch: dict[str, jax.Array]) -> jax.Array:
+    """Non-padding input tokens in a batch (all sequence fields named *segment_ids)."""
+    return sum(jnp.sum(v > 0) for k, v in batch.items() if k.endswith("segment_ids")).astype(jnp.float32)
+
+
+def _accumulate(loss_fn: LossFn, ts: TrainState, params: Any, frozen: Any, micro: dict[str, jax.Array], grads: bool):
+    """Mean loss / metrics (and grads) over the leading microbatch axis."""
+
+    def one(p: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        loss, metrics = loss_fn(merge_params(ts.graphdef, ts.template, p, frozen), batch)
+        return loss, metrics
+
+    fn = jax.value_and_grad(one, has_aux=True) if grads else one
+    a = jax.tree.leaves(micro)[0].shape[0]
+
+    def body(carry: Any, batch: dict[str, jax.Array]) -> tuple[Any, None]:
+        out = fn(params, batch)
+        (_, metrics), g = (out if grads else (out, None))
+        metrics = {**metrics, "tokens": _token_count(batch)}
+        new = jax.tree.map(jnp.add, carry, (metrics, g)) if carry is not None else (metrics, g)
+        return new, None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    carry, _ = body(None, first)
+    if a > 1:
+        rest = jax.tree.map(lambda x: x[1:], micro)
+        carry, _ = jax.lax.scan(body, carry, rest)
+    metrics, g = carry
+    tokens = metrics.pop("tokens")
+    metrics = jax.tree.map(lambda x: x / a, metrics)
+    metrics["tokens"] = tokens
+    return metrics, (None if g is None else jax.tree.map(lambda x: x / a, g))
+
+
+def make_train_step(ts: TrainState, tx: optax.GradientTransformation, loss_fn: LossFn) -> Callable[..., Any]:
+    """jit(params, opt_state, frozen, micro) -> (params, opt_state, metrics); params/opt_state donated."""
+
+    def step(params: Any, opt_state: Any, frozen: Any, micro: dict[str, jax.Array]) -> Any:
+        metrics, grads = _accumulate(loss_fn, ts, params, frozen, micro, grads=True)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = {**metrics, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    kwargs: dict[str, Any] = {"donate_argnums": (0, 1)}
+    if ts.param_shardings is not None:
+        kwargs["out_shardings"] = (ts.param_shardings, ts.opt_shardings, None)
+    return jax.jit(step, **kwargs)
+
+
+def make_eval_step(ts: TrainState, loss_fn: LossFn) -> Callable[..., Any]:
+    """jit(params, frozen, micro) -> metrics (means over the microbatch axis)."""
+
+    def step(params: Any, frozen: Any, micro: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        metrics, _ = _accumulate(loss_fn, ts, params, frozen, micro, grads=False)
+        return metrics
+
+    return jax.jit(step)
