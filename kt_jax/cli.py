@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("kt_jax.commands.eval", "METEOR/ROUGE-L/BERTScore, LLM judge win/tie/lose, fact checks, report"),
     "knowledge": ("kt_jax.commands.knowledge", "extract facts, build KA / KC sets from an alpaca file (LLM backend)"),
     "score": ("kt_jax.commands.score", "perplexity of each fact given its question (packed, prefix-shared, sharded)"),
+    "sft": ("kt_jax.commands.sft", "supervised fine-tuning (LoRA or full) on QA/KA records, orbax resume, HF export"),
+    "dpo": ("kt_jax.commands.dpo", "DPO + chosen NLL on KC pairs (reference log-probs precomputed once), HF export"),
 }
 
 
@@ -24,31 +26,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kt-jax", description="KnowTuning in JAX/Flax")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=module)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.version:
-        from kt_jax import __version__
+    if not argv or argv[0] not in COMMANDS:  # top-level options only: help, version, or an unknown command
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.version:
+            from kt_jax import __version__
 
-        print(__version__)
-        return 0
-    if args.command is None:
+            print(__version__)
+            return 0
         parser.print_help()
         return 2
-    module = importlib.import_module(args._module)
-    sub = argparse.ArgumentParser(prog=f"kt-jax {args.command}", description=COMMANDS[args.command][1])
+    command = argv[0]
+    module = importlib.import_module(COMMANDS[command][0])
+    sub = argparse.ArgumentParser(prog=f"kt-jax {command}", description=COMMANDS[command][1])
     module.add_arguments(sub)
-    sub_args = sub.parse_args(argv[argv.index(args.command) + 1 :])
+    sub_args = sub.parse_args(argv[1:])
     try:
         return int(module.run(sub_args) or 0)
     except KtJaxError as e:
-        print(f"kt-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"kt-jax {command}: error: {e}", file=sys.stderr)
         return 2
 
 

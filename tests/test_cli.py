@@ -22,3 +22,12 @@ def test_project_error_is_one_line(tmp_path, capsys) -> None:
     assert main(["info", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json: not found" in err and "Traceback" not in err
+
+
+def test_subcommand_help_lists_its_options(capsys) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit) as done:
+        main(["info", "--help"])
+    assert done.value.code == 0
+    assert "--model" in capsys.readouterr().out
