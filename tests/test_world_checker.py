@@ -155,3 +155,17 @@ def test_offline_backend_extracts_one_fact_per_sentence_and_rephrase_keeps_score
         rephrased = backend.rephrase(q.instruction, rec["output"])
         r = checker.check(rephrased, q.entity_id, q.attributes)
         assert (r.completeness, r.factuality, r.logicality) == (1.0, 1.0, None if len(q.attributes) < 2 else 1.0)
+
+
+def test_evaluate_answers_over_questions():
+    from kt_jax.world import evaluate_answers, generate_world, splits
+    from kt_jax.world.render import record
+
+    gen = generate_world(WorldConfig(seed=1))
+    qs = splits(gen)["test"]
+    answers = [record(gen, q)["output"] if i % 2 == 0 else "" for i, q in enumerate(qs)]
+    summary, reports = evaluate_answers(gen, qs, answers)
+    assert [r.completeness for r in reports] == [1.0 if i % 2 == 0 else 0.0 for i in range(len(qs))]
+    assert summary["factuality"] == 1.0 and summary["answers"] == len(qs)
+    with pytest.raises(ValueError):
+        evaluate_answers(gen, qs, answers[:-1])

@@ -275,3 +275,13 @@ def summarize(reports: Sequence[FactReport]) -> dict[str, float]:
         "wrong_per_answer": sum(len(r.wrong) for r in reports) / n if n else float("nan"),
         "hallucinated_per_answer": sum(len(r.hallucinated) for r in reports) / n if n else float("nan"),
     }
+
+
+def evaluate_answers(world: World, questions: Sequence[Any], answers: Sequence[str]
+                     ) -> tuple[dict[str, float], list[FactReport]]:
+    """Score answers to world questions (`render.Question`s, e.g. from `load_questions`): (summary, reports)."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    checker = Checker(world)
+    reports = [checker.check(a, q.entity_id, q.attributes) for q, a in zip(questions, answers, strict=True)]
+    return summarize(reports), reports
