@@ -118,7 +118,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="40 questions, 100 baseline pairs (a smoke run)")
-    parser.add_argument("--baseline-pairs", type=int, default=400,
+    parser.add_argument("--baseline-pairs", type=int, default=200,
                         help="(a) and (b) score this many pairs, evenly spaced over the length order (0 = all)")
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--hf-batch", type=int, default=16, help="HF sequences per forward")

@@ -113,8 +113,10 @@ def test_identical_for_any_order_and_tight_packing_limits(llama3_model, referenc
 
 def test_identical_on_every_mesh(llama3_dir, reference, mesh) -> None:
     model = load_pretrained(llama3_dir, mesh=mesh)
-    got = fact_perplexities(model, TOK, ITEMS, max_len=MAX_LEN, mesh=mesh, batch_size=8, progress=False)
-    _assert_same(got, reference, rtol=1e-6)
+    for packing, batch_size in (("shared", 8), ("packed", 7), ("padded", 64)):  # 7 rounds up to the batch ways
+        got = fact_perplexities(model, TOK, ITEMS, max_len=MAX_LEN, mesh=mesh, packing=packing,
+                                batch_size=batch_size, progress=False)
+        _assert_same(got, reference, rtol=1e-6)
 
 
 def test_edge_cases(llama3_model, llama3_dir) -> None:
