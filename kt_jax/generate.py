@@ -98,10 +98,10 @@ def next_tokens(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingConf
     return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys_B, filtered).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id", "prefill_chunk"))
 def _generate_jit(
     graphdef: Any, state: Any, ids_BxP: jax.Array, valid_BxP: jax.Array, rows_B: jax.Array, seed: jax.Array, *,
-    sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int,
+    sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, prefill_chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
     """Prefill + decode loop; returns (new tokens [B, N] padded with pad_id after EOS, counts [B])."""
     model = nnx.merge(graphdef, state)
@@ -114,7 +114,13 @@ def _generate_jit(
     lengths_B = jnp.sum(valid, axis=1)
     last_B = jnp.argmax(jnp.arange(p, dtype=jnp.int32)[None, :] * valid, axis=1)  # last real prompt token
 
-    hidden_BxPxD, cache = model.hidden_states_cached(ids_BxP, positions_BxP, valid_BxP, model.init_cache(b, p + n), 0)
+    cache, pieces = model.init_cache(b, p + n), []
+    for start in range(0, p, prefill_chunk):  # chunked prefill bounds the [B, chunk, P+N] attention scores
+        sl = slice(start, min(p, start + prefill_chunk))
+        hidden, cache = model.hidden_states_cached(ids_BxP[:, sl], positions_BxP[:, sl], valid_BxP[:, sl], cache,
+                                                   start)
+        pieces.append(hidden)
+    hidden_BxPxD = jnp.concatenate(pieces, axis=1)
     hidden_Bx1xD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)
     first_B = next_tokens(model.logits(hidden_Bx1xD)[:, 0], step_keys(0), sampling)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -166,12 +172,14 @@ def generate_ids(
     batch_size: int = 8,
     padding_side: str = "left",
     max_prompt_len: int | None = None,
+    prefill_chunk: int = 512,
     progress: bool = False,
 ) -> list[list[int]]:
     """New token ids for each prompt (token ids, BOS included if wanted), cut after the first EOS (kept).
 
     Row i's randomness depends only on (seed, i), so results do not depend on batch size or order.
-    Prompts longer than `max_prompt_len` keep their last tokens (the template's answer cue).
+    Prompts longer than `max_prompt_len` keep their last tokens (the template's answer cue). The prompt is
+    prefilled `prefill_chunk` tokens at a time.
     """
     if padding_side not in ("left", "right"):
         raise ConfigError(f"padding_side={padding_side!r}; choose 'left' or 'right'")
@@ -204,7 +212,8 @@ def generate_ids(
         if mesh is not None:
             arrays = shard_batch(arrays, mesh)
         tokens, _ = _generate_jit(graphdef, state, *arrays, jnp.int32(seed), sampling=sampling,
-                                  eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+                                  eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                                  prefill_chunk=max(1, int(prefill_chunk)))
         tokens = _host(tokens)
         for j, i in enumerate(rows):
             out = tokens[j].tolist()

@@ -54,6 +54,9 @@ def test_greedy_mixed_lengths_equals_hf(llama3_dir, padding_side) -> None:
     ours = generate_ids(load_pretrained(llama3_dir), prompts, SamplingConfig.greedy(20), padding_side=padding_side,
                         batch_size=4)
     assert ours == ref
+    chunked = generate_ids(load_pretrained(llama3_dir), prompts, SamplingConfig.greedy(20),
+                           padding_side=padding_side, batch_size=4, prefill_chunk=5)  # 32 = 5+5+...+2
+    assert chunked == ref
     # HF batched left-padded generate gives the same tokens as well
     width = max(LENGTHS)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
