@@ -157,7 +157,7 @@ FACT_ROWS = [
     {"id": "a", "question": "What is the capital of France?", "facts": ["Paris is the capital.", ""]},
     {"id": "b", "question": "Name a prime.", "facts": ["Seven is prime."], "extra": {"keep": [1, 2]}},
     {"id": "c", "question": "Nothing?", "facts": []},
-    {"id": "d", "question": "Où?", "facts": ["À Zürich.", "Near the lake."]},
+    {"id": "d", "question": "Où?", "input": "Zürich context.", "facts": ["À Zürich.", "Near the lake."]},
 ]
 
 
@@ -186,7 +186,8 @@ def test_score_command_writes_ppl_and_resumes(bpe_model_dir, tmp_path, capsys) -
     assert [r["id"] for r in rows] == ["a", "b", "c", "d"] and rows[1]["extra"] == {"keep": [1, 2]}
     assert rows[0]["ppl"][1] is None and rows[0]["ppl_tokens"][1] == 0 and rows[2]["ppl"] == []
     expected = fact_perplexities(load_pretrained(bpe_model_dir), load_tokenizer(bpe_model_dir),
-                                 [(r["question"], r["facts"]) for r in FACT_ROWS], packing="padded", progress=False)
+                                 [(r["question"] + ("\n" + r["input"] if "input" in r else ""), r["facts"])
+                                  for r in FACT_ROWS], packing="padded", progress=False)
     got = [[math.nan if p is None else p for p in r["ppl"]] for r in rows]
     _assert_same(got, expected, rtol=1e-6)
     # a crash after row 1 plus a torn line: the re-run drops the torn line and writes rows 2..4 only

@@ -1,6 +1,8 @@
 """`kt-jax score`: perplexity of every fact given its question; writes scored.jsonl (resumable) and its config.
 
-Input rows `{"question": str, "facts": [str, ...], ...}` (JSON lines; extra fields are kept). Each output row is
+Input rows `{"question": str, "facts": [str, ...], ...}` (JSON lines; extra fields are kept), e.g. the facts.jsonl
+of `kt-jax knowledge`. A non-empty `input` field (alpaca context) joins the question on its own line, exactly as the
+alpaca template builds the training prompt from instruction + input. Each output row is
 the input row plus `ppl` (one float per fact; null when the fact has no token), `ppl_tokens` (scored tokens per
 fact) and `ppl_truncated` (the fact was cut to fit --max-len). A re-run appends only the rows not yet written.
 """
@@ -52,6 +54,8 @@ def read_fact_rows(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
             if not isinstance(row.get("question"), str):
                 raise DataError(f"{path}: line {line_no}: field 'question' must be a string")
+            if not isinstance(row.get("input", ""), str):
+                raise DataError(f"{path}: line {line_no}: field 'input' must be a string when present")
             facts = row.get("facts")
             if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
                 raise DataError(f"{path}: line {line_no}: field 'facts' must be a list of strings")
@@ -78,6 +82,12 @@ def _written_rows(path: Path, inputs: list[dict[str, Any]]) -> int:
     if lines[-1]:
         path.write_text("".join(x + "\n" for x in good), encoding="utf-8")
     return len(good)
+
+
+def question_of(row: dict[str, Any]) -> str:
+    """The question text a row is scored under: `question`, plus `input` on its own line when non-empty."""
+    context = row.get("input", "")
+    return row["question"] + "\n" + context if context else row["question"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     with open(out_path, "a", encoding="utf-8") as fh:
         for c in range(0, len(todo), args.chunk):
             part = todo[c : c + args.chunk]
-            scores = score_facts(model, tok, [(r["question"], r["facts"]) for r in part], template=args.template,
+            scores = score_facts(model, tok, [(question_of(r), r["facts"]) for r in part], template=args.template,
                                  style=args.style, max_len=args.max_len, mesh=mesh, packing=args.packing,
                                  batch_size=args.batch_size, pack_len=args.pack_len, progress=True)
             for row, row_scores in zip(part, scores, strict=True):
