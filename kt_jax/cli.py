@@ -12,6 +12,7 @@ from kt_jax.errors import KtJaxError
 # name -> (module, help). Each module defines add_arguments(parser) and run(args) -> int. Imported lazily so
 # `kt-jax --help` stays fast and a stage's heavy imports load only when that stage runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("kt_jax.commands.run", "the KnowTuning pipeline end to end (world/pretrain, KA, KC, SFT, DPO, eval)"),
     "info": ("kt_jax.commands.info", "load a HF Llama checkpoint onto a mesh and print its config and layout"),
     "generate": ("kt_jax.commands.generate", "answer a QA test set with a checkpoint (KV-cache sampling)"),
     "eval": ("kt_jax.commands.eval", "METEOR/ROUGE-L/BERTScore, LLM judge win/tie/lose, fact checks, report"),

@@ -1,0 +1,35 @@
+"""`kt-jax run --config configs/NAME.yaml [key=value ...]`: the KnowTuning stages end to end in a run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline YAML (e.g. configs/world-tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. run_dir=runs/x world.seed=1 sft.train.num_epochs=2")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from kt_jax.config import load_config
+    from kt_jax.pipeline import SYSTEM_LABELS, Pipeline, PipelineConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    pipeline = Pipeline(cfg)
+    summary = pipeline.run()
+    print(f"\nkt-jax run {cfg.name}: done in {summary['seconds']:.0f} s -> {summary['run_dir']}")
+    for stage in summary["stages"]:
+        took = "skipped (up to date)" if stage["skipped"] else f"{stage['seconds']:.1f} s"
+        print(f"  {stage['name']:22s} {took}")
+    keys = ("completeness", "factuality", "logicality", "meteor", "rouge_l")
+    print("  " + "system".ljust(22) + "".join(k[:12].rjust(13) for k in keys))
+    for name, m in summary["metrics"].items():
+        cells = "".join((f"{m[k]:.4f}" if isinstance(m.get(k), float) else "-").rjust(13) for k in keys)
+        print("  " + SYSTEM_LABELS.get(name, name).ljust(22) + cells)
+    print(f"report: {summary['report']}")
+    return 0
