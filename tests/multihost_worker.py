@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -199,6 +200,58 @@ def case_process_zero_rule(ctx: Context) -> dict[str, np.ndarray]:
             "agreed_text": np.asarray(agreed["text"])}
 
 
+def sft_records() -> list[Any]:
+    from kt_jax.data.records import QARecord
+
+    return [QARecord(f"Q{i}?", f"A{i}." + "y" * (7 * i % 40)) for i in range(32)]
+
+
+def flat_params(model: Any) -> np.ndarray:
+    """Every parameter of `model`, gathered and concatenated (float32, a fixed order)."""
+    import jax
+
+    return np.concatenate([to_host(x).ravel() for x in jax.tree_util.tree_leaves(model_state(model))])
+
+
+def case_lm_steps(ctx: Context) -> dict[str, np.ndarray]:
+    """3 SGD steps of masked next-token loss on packed Grain batches (ops.logprobs), data=2 x tensor=4 mesh."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from kt_jax.data.pipeline import DataConfig, device_iterator, make_dataset
+    from kt_jax.model.hf import load_pretrained
+    from kt_jax.ops.logprobs import model_token_logprobs
+
+    mesh = mesh_named("2x4")
+    model = load_pretrained(ctx.hf_dir, mesh=mesh)
+    # plain SGD: its update is linear in the gradient, so a wrongly reduced gradient cannot hide (Adam would)
+    opt = nnx.jit(lambda m: nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param))(model)
+    graphdef, state = nnx.split((model, opt))
+    layout = jax.tree.map(lambda x: x.sharding, state)
+
+    def loss_fn(m: Any, batch: dict[str, Any]) -> Any:
+        mask = batch["loss_mask"]
+        return -jnp.sum(model_token_logprobs(m, batch, chunk_size=256) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    @functools.partial(jax.jit, out_shardings=(layout, None))  # state keeps its layout: one compilation
+    def step(state: Any, batch: dict[str, Any]) -> Any:
+        model, opt = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), loss
+
+    cfg = DataConfig(max_len=256, batch_size=8, seed=5, buckets=(256,))
+    batches = device_iterator(make_dataset(sft_records(), Bytes(), cfg), mesh)
+    losses = []
+    for _ in range(3):
+        state, loss = step(state, next(batches))
+        losses.append(float(loss))  # blocks every step
+    model, _ = nnx.merge(graphdef, state)
+    return {"losses": np.asarray(losses), "params": flat_params(model)}
+
+
 FACT_ITEMS = [
     ("What is the capital of Veloria?", ["Veloria's capital is Marn.", "Marn lies on the river Tess.", "It is old."]),
     ("Who founded the Order of Ash?", ["Ilse Varn founded it in 1204.", "The order guards the northern pass."]),
@@ -235,6 +288,7 @@ CASES: dict[str, Callable[[Context], dict[str, np.ndarray]]] = {
     "batch_slices": case_batch_slices,
     "scoring": case_scoring,
     "process_zero_rule": case_process_zero_rule,
+    "lm_steps": case_lm_steps,
 }
 
 
