@@ -104,18 +104,20 @@ class BERTScorer:
         self._torch = torch
 
     def _encode(self, texts: Sequence[str]) -> list[tuple[np.ndarray, list[int]]]:
-        """(L2-normalised embeddings [T, D], token ids) per text."""
-        out = []
+        """(L2-normalised embeddings [T, D], token ids) per text (batched by length to limit padding)."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Any] = [None] * len(texts)
         for i in range(0, len(texts), self.batch_size):
-            chunk = list(texts[i : i + self.batch_size])
+            rows = order[i : i + self.batch_size]
+            chunk = [texts[j] for j in rows]
             enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             with self._torch.no_grad():
                 hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.num_layers]
             hidden = self._torch.nn.functional.normalize(hidden.float(), dim=-1).numpy()
-            for row, mask in enumerate(enc["attention_mask"].numpy()):
+            for row, (j, mask) in enumerate(zip(rows, enc["attention_mask"].numpy(), strict=True)):
                 n = int(mask.sum())
-                out.append((hidden[row, :n], enc["input_ids"][row, :n].tolist()))
+                out[j] = (hidden[row, :n], enc["input_ids"][row, :n].tolist())
         return out
 
     def _idf_weights(self, references: Sequence[str]) -> dict[int, float]:
