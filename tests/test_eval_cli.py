@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,33 @@ def test_eval_writes_report_for_two_systems(model_dir, test_set, tmp_path, capsy
     assert cli.main(["eval", "--predictions", f"a={greedy / 'predictions.jsonl'}", "--out", str(out),
                      "--baseline", "zzz", "--no-bertscore"]) == 2
     assert "--baseline 'zzz'" in capsys.readouterr().err
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowtuning" / "dolly_valid.json"
+
+
+@pytest.mark.skipif(not REAL.is_file(), reason="real Dolly data absent")
+def test_eval_on_real_dolly_answers_ranks_full_answers_above_first_sentences(tmp_path, capsys) -> None:
+    """Real answers vs their own first sentence: every metric and the offline judge prefer the full answer."""
+    import re
+
+    from kt_jax.data.records import read_records
+
+    records, _ = read_records(REAL)
+    paths = {}
+    for name, cut in (("first", lambda a: re.split(r"(?<=[.!?])\s", a)[0]), ("full", lambda a: a)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps({"id": i, "question": r.question, "reference": r.answer,
+                                                   "prediction": cut(r.answer)}) + "\n"
+                                       for i, r in enumerate(records[:30])))
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--predictions", f"first={paths['first']}", "--predictions", f"full={paths['full']}",
+                     "--out", str(out), "--no-bertscore", "--judge", "--facts", "--backend", "offline",
+                     "--backend-option", "cache=none"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["full"]["rouge_l"] == pytest.approx(1.0) and metrics["first"]["rouge_l"] < 0.8
+    assert metrics["full"]["meteor"] > 0.99 > metrics["first"]["meteor"]
+    judged = json.loads((out / "judge.json").read_text())
+    table = judged["win_tie_lose"]["full vs first"]["completeness"]
+    assert table["win"] > 15 and table["lose"] == 0
+    assert judged["facts"]["full"]["facts_per_answer"] > judged["facts"]["first"]["facts_per_answer"]
