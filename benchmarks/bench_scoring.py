@@ -125,7 +125,12 @@ def main() -> int:
     parser.add_argument("--padded-batch", type=int, default=16, help="kt-jax padded rows per call")
     parser.add_argument("--shared-batch", type=int, default=8, help="kt-jax packed rows per call")
     parser.add_argument("--pack-len", type=int, default=512)
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch threads for (a)")
     args = parser.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     n = 40 if args.quick else args.questions
     n_base = 100 if args.quick else args.baseline_pairs
 
