@@ -1,0 +1,78 @@
+"""`kt-jax run` end to end on the CI world: killed mid-stage, restarted, finishes without redoing finished stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kt_jax.config import load_config
+from kt_jax.errors import ConfigError
+from kt_jax.pipeline import PipelineConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# Smaller than configs/world-ci.yaml's own sizes: this test checks the mechanics, not the method's effect.
+SHRINK = ["pretrain.steps=40", "pretrain.probe_max_new_tokens=32", "generate.max_new_tokens=48",
+          "sft.train.num_epochs=1", "mesh.fsdp=1"]
+
+
+def _cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "kt_jax.cli", "run", "--config", str(ROOT / "configs" / "world-ci.yaml"),
+            f"run_dir={run_dir}", *SHRINK]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "stages" / "sft.json"
+    deadline = time.time() + 400
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert marker.exists(), "the first run never finished its sft stage"
+    proc.send_signal(signal.SIGKILL)  # now inside a later stage (ka training)
+    proc.wait()
+    done_before = {p.stem for p in (run_dir / "stages").glob("*.json")}
+    assert {"world", "pretrain", "knowledge", "sft"} <= done_before
+    assert "report" not in done_before and not (run_dir / "report.md").exists()
+
+    out = subprocess.run(_cmd(run_dir), env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    skipped = {s["name"] for s in summary["stages"] if s["skipped"]}
+    assert done_before <= skipped
+    ran = {s["name"] for s in summary["stages"] if not s["skipped"]}
+    assert {"knowtuning", "generate_knowtuning", "evaluate"} <= ran
+    report = (run_dir / "report.md").read_text()
+    for label in ("| SFT |", "| KA-SFT (-KC) |", "| KnowTuning |", "completeness", "meteor"):
+        assert label in report
+    for name in ("sft", "ka", "knowtuning"):
+        assert (run_dir / "train" / name / "export" / "config.json").exists()
+        rows = (run_dir / "predictions" / name / "predictions.jsonl").read_text().splitlines()
+        assert len(rows) == len(json.loads((run_dir / "world" / "qa_test.json").read_text()))
+    assert "kt-jax run world-ci: done" in out.stdout and "report:" in out.stdout
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_config_errors_name_the_key(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"world-ci\.yaml \(\+ overrides\): unknown key\(s\) sft\.optim\.lr\b"):
+        load_config(PipelineConfig, ROOT / "configs" / "world-ci.yaml", ["sft.optim.lr=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("systems: [sft, magic]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: systems: unknown \['magic'\]"):
+        load_config(PipelineConfig, bad)
+    files = tmp_path / "files.yaml"
+    files.write_text("train_file: a.json\n")
+    with pytest.raises(ConfigError, match="test_file, base_model: required when the config has no world"):
+        load_config(PipelineConfig, files)
