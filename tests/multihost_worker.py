@@ -252,6 +252,70 @@ def case_lm_steps(ctx: Context) -> dict[str, np.ndarray]:
     return {"losses": np.asarray(losses), "params": flat_params(model)}
 
 
+def kc_records() -> list[Any]:
+    from kt_jax.data.records import KCRecord
+
+    return [KCRecord(f"Q{i}?", f"A{i} is right" + "." * (i % 5), f"A{i} is wrong" + "!" * (i % 3)) for i in range(16)]
+
+
+def _trainer_steps(ctx: Context, preference: bool) -> dict[str, np.ndarray]:
+    """3 steps of the training core (kt_jax.train: LoRA q/v, AdamW + clipping, SFT or DPO loss) on Grain batches."""
+    try:
+        from kt_jax.model.lora import LoRAConfig, apply_lora, lora_disabled
+        from kt_jax.train.config import DPOConfig, OptimConfig
+        from kt_jax.train.loop import stack_micro, to_device
+        from kt_jax.train.optimizer import make_optimizer
+        from kt_jax.train.state import create_state
+        from kt_jax.train.steps import make_dpo_loss, make_sft_loss, make_train_step
+    except ImportError as e:
+        raise Unavailable(f"kt_jax.train not importable ({e})") from None
+    import dataclasses as dc
+
+    from kt_jax.data.pipeline import DataConfig, make_dataset
+    from kt_jax.data.templates import alpaca_prompt
+    from kt_jax.model.hf import load_pretrained
+    from kt_jax.scoring import sequence_logprobs
+
+    mesh = mesh_named("2x4")
+    model = apply_lora(load_pretrained(ctx.hf_dir, mesh=mesh), LoRAConfig(rank=4), seed=0)
+    cfg = DataConfig(max_len=256, batch_size=8, seed=5, buckets=(256,))
+    if preference:  # reference log-probs: the base model (LoRA off), one scoring pass, as the pipeline does
+        recs = kc_records()
+        pairs = [(alpaca_prompt(r.question), side) for r in recs for side in (r.chosen, r.rejected)]
+        with lora_disabled(model):
+            ref = sequence_logprobs(model, Bytes(), pairs, max_len=256, mesh=mesh)
+        recs = [dc.replace(r, ref_chosen_logp=ref[2 * i][0], ref_rejected_logp=ref[2 * i + 1][0])
+                for i, r in enumerate(recs)]
+    else:
+        recs = sft_records()
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2), total_steps=3)
+    ts = create_state(model, tx, mesh)
+    loss_fn = make_dpo_loss(DPOConfig()) if preference else make_sft_loss()
+    step = make_train_step(ts, tx, loss_fn)
+    data = iter(make_dataset(recs, Bytes(), cfg, preference=preference))
+    import jax
+
+    flat = lambda params: np.concatenate([to_host(x).ravel() for x in jax.tree_util.tree_leaves(params)])
+    start = flat(ts.params)  # (a host copy: the step donates its inputs)
+    losses = []
+    for _ in range(3):
+        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen, to_device(stack_micro([next(data)]),
+                                                                                             mesh))
+        losses.append(float(np.asarray(metrics["loss"])))  # blocks every step
+    return {"losses": np.asarray(losses), "trained": flat(ts.params), "start": start,
+            "num_trained": np.asarray(ts.num_trainable())}
+
+
+def case_sft_train(ctx: Context) -> dict[str, np.ndarray]:
+    """kt_jax.train SFT steps (LoRA) on packed Grain batches."""
+    return _trainer_steps(ctx, preference=False)
+
+
+def case_dpo_train(ctx: Context) -> dict[str, np.ndarray]:
+    """kt_jax.train DPO steps (LoRA, reference = base via scoring) on Grain preference batches."""
+    return _trainer_steps(ctx, preference=True)
+
+
 FACT_ITEMS = [
     ("What is the capital of Veloria?", ["Veloria's capital is Marn.", "Marn lies on the river Tess.", "It is old."]),
     ("Who founded the Order of Ash?", ["Ilse Varn founded it in 1204.", "The order guards the northern pass."]),
@@ -289,6 +353,8 @@ CASES: dict[str, Callable[[Context], dict[str, np.ndarray]]] = {
     "scoring": case_scoring,
     "process_zero_rule": case_process_zero_rule,
     "lm_steps": case_lm_steps,
+    "sft_train": case_sft_train,
+    "dpo_train": case_dpo_train,
 }
 
 

@@ -188,3 +188,17 @@ def test_training_steps_on_grain_batches_match_one_process(runs: dict[str, Any],
     moved = np.abs(multi["params"] - start).max()
     assert moved > 1e-3  # the steps changed the weights ...
     np.testing.assert_allclose(multi["params"], single["params"], rtol=0, atol=1e-4 * moved)  # ... in the same way
+
+
+@pytest.mark.parametrize("case", ["sft_train", "dpo_train"])
+def test_trainer_steps_match_one_process(runs: dict[str, Any], case: str) -> None:
+    single, multi = results(runs, case)
+    losses = multi["losses"]
+    assert np.all(np.isfinite(losses)) and int(multi["num_trained"]) == 2 * 2 * 4 * (64 + 64)  # q,v x 2 layers
+    if case == "dpo_train":  # policy == reference at step 0 (LoRA B = 0): sigmoid loss = log 2 + 0.2 * chosen NLL
+        assert losses[0] > np.log(2)
+    np.testing.assert_allclose(losses, single["losses"], rtol=1e-5)
+    np.testing.assert_array_equal(multi["start"], single["start"])  # same seeded adapters on both topologies
+    moved = np.abs(multi["trained"] - multi["start"]).max()
+    assert moved > 1e-3  # the adapters moved ...
+    np.testing.assert_allclose(multi["trained"], single["trained"], rtol=0, atol=1e-3 * moved)  # ... the same way
