@@ -103,7 +103,7 @@ def _generate_jit(
     graphdef: Any, state: Any, ids_BxP: jax.Array, valid_BxP: jax.Array, rows_B: jax.Array, seed: jax.Array, *,
     sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int, prefill_chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Prefill + decode loop; returns (new tokens [B, N] padded with pad_id after EOS, counts [B])."""
+    """Prefill + decode loop; returns (new tokens [B, N] padded with pad_id after EOS, finished [B] bool)."""
     model = nnx.merge(graphdef, state)
     b, p = ids_BxP.shape
     n = sampling.max_new_tokens
