@@ -199,3 +199,12 @@ def test_text_wrapper_adds_bos_and_stops_at_eos(llama2_dir) -> None:
     ids = generate_ids(model, [[1, *tok.encode(p)] for p in prompts], SamplingConfig.greedy(10), eos_ids=[2])
     assert texts == [tok.decode([t for t in row if t != 2]) for row in ids]
     assert all(isinstance(t, str) for t in texts)
+
+
+def test_bfloat16_compute_generates_with_a_bf16_cache(llama2_dir) -> None:
+    model = load_pretrained(llama2_dir, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert model.init_cache(2, 8).k[0].dtype == jnp.bfloat16
+    out = generate_ids(model, _prompts(seed=5), SamplingConfig.greedy(8))
+    ref = generate_ids(load_pretrained(llama2_dir), _prompts(seed=5), SamplingConfig.greedy(8))
+    assert all(len(r) == 8 and all(0 <= t < 256 for t in r) for r in out)
+    assert sum(a[0] == b[0] for a, b in zip(out, ref, strict=True)) >= 3  # first tokens mostly agree with float32
