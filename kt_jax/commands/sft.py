@@ -1,0 +1,37 @@
+"""`kt-jax sft --config sft.yaml [key.sub=value ...]`: supervised fine-tuning (LoRA or full) on QA / KA records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kt_jax.config import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config (kt_jax.train.session.RunConfig)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.learning_rate=1e-4")
+
+
+def print_summary(summary: dict) -> None:
+    """A short end-of-run summary (the full one is in summary.json)."""
+    last = summary.get("last", {})
+    keys = [k for k in ("loss", "rewards/accuracy", "rewards/margin", "tokens_per_s") if k in last]
+    print(f"{summary['mode']} ({summary['finetuning']}): {summary['steps']}/{summary['total_steps']} steps"
+          + (f", resumed from step {summary['resumed_from']}" if summary.get("resumed_from") else "")
+          + f", {summary['train_rows']} train / {summary['eval_rows']} held-out rows, "
+          f"{summary['trainable_params']:,} trained params, {summary['seconds']:.1f} s")
+    print("last: " + json.dumps({k: round(last[k], 4) for k in keys}))
+    if summary.get("best_step") is not None:
+        print(f"best eval loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}")
+    if summary.get("export"):
+        print(f"exported (HF, LoRA merged, best params): {summary['export']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kt_jax.train.session import RunConfig
+    from kt_jax.train.session import run as run_training
+
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    print_summary(run_training(cfg, preference=False))
+    return 0

@@ -1,0 +1,192 @@
+"""One SFT or DPO run end to end: config -> model (+LoRA) -> data -> reference log-probs -> train -> best -> export.
+
+Run directory layout: `config.yaml` (resolved), `metrics.jsonl`, `tb/`, `checkpoints/{latest,best}/`,
+`kc_with_ref.jsonl` (DPO: the pairs with their reference log-probs, computed once), `export/` (HF directory, LoRA
+merged, best parameters), `summary.json`. Re-running the same command resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kt_jax.config import config_hash, save_config, to_dict
+from kt_jax.data.pipeline import DataConfig
+from kt_jax.errors import ConfigError, DataError
+from kt_jax.model.lora import LoRAConfig
+from kt_jax.train.config import DPOConfig, OptimConfig, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (one may be -1: the remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """`kt-jax sft` / `kt-jax dpo` config (YAML + dotted overrides)."""
+
+    model: str = ""
+    train_file: str = ""
+    output_dir: str = ""
+    tokenizer: str | None = None
+    kind: str = "ka"  # record kind of train_file: qa | ka (SFT) or kc (DPO)
+    finetuning: str = "lora"  # lora | full
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    export: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad field."""
+        for key in ("model", "train_file", "output_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is required")
+        if self.finetuning not in ("lora", "full"):
+            raise ConfigError(f"finetuning: {self.finetuning!r} is not one of ['lora', 'full']")
+        if self.kind not in ("qa", "ka", "kc"):
+            raise ConfigError(f"kind: {self.kind!r} is not one of ['qa', 'ka', 'kc']")
+        if self.finetuning == "lora":
+            self.lora.validate()
+        self.train.validate()
+        self.optim.validate()
+        self.dpo.validate()
+
+
+def split_eval(records: list[Any], eval_rows: int, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) with `eval_rows` rows drawn by a seeded permutation (at most 10% of the rows)."""
+    n_eval = min(eval_rows, len(records) // 10)
+    order = np.random.default_rng(seed).permutation(len(records))
+    held = set(order[:n_eval].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def count_batches(records: list[Any], tok: Any, cfg: DataConfig, preference: bool) -> int:
+    """Host batches in one epoch of `records` (tokenizes them once)."""
+    from kt_jax.data.pipeline import make_dataset
+
+    it = iter(make_dataset(records, tok, dataclasses.replace(cfg, num_epochs=1), preference=preference))
+    return sum(1 for _ in it)
+
+
+def attach_reference_logps(model: Any, tok: Any, records: list[Any], cfg: RunConfig, mesh: Any,
+                           out_path: Path) -> list[Any]:
+    """KC records with `ref_*_logp` filled by one scoring pass (reference = base with LoRA off, or the init)."""
+    from kt_jax.data.records import read_records, write_records
+    from kt_jax.data.templates import alpaca_prompt
+    from kt_jax.model.lora import lora_disabled
+    from kt_jax.scoring import sequence_logprobs
+
+    if out_path.exists():
+        cached, _ = read_records(out_path, "kc")
+        if len(cached) == len(records) and all(
+                (a.question, a.chosen, a.rejected) == (b.question, b.chosen, b.rejected)
+                for a, b in zip(cached, records, strict=True)):
+            return cached
+    todo = [i for i, r in enumerate(records) if r.ref_chosen_logp is None or r.ref_rejected_logp is None]
+    if todo:
+        pairs = []
+        for i in todo:
+            prompt = alpaca_prompt(records[i].question, records[i].input, cfg.data.template)
+            pairs += [(prompt, records[i].chosen), (prompt, records[i].rejected)]
+        if cfg.dpo.reference == "base":
+            with lora_disabled(model):
+                scores = sequence_logprobs(model, tok, pairs, max_len=cfg.data.max_len, mesh=mesh, progress=True)
+        else:
+            scores = sequence_logprobs(model, tok, pairs, max_len=cfg.data.max_len, mesh=mesh, progress=True)
+        records = list(records)
+        for j, i in enumerate(todo):
+            records[i] = dataclasses.replace(records[i], ref_chosen_logp=scores[2 * j][0],
+                                             ref_rejected_logp=scores[2 * j + 1][0])
+    write_records(out_path, records)
+    return records
+
+
+def run(cfg: RunConfig, *, preference: bool, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train per `cfg` (SFT, or DPO with `preference=True`); returns the summary written to summary.json."""
+    import jax
+
+    from kt_jax.data.pipeline import make_dataset
+    from kt_jax.data.records import read_records
+    from kt_jax.data.tokenizer import load_tokenizer
+    from kt_jax.model.hf import load_pretrained, save_pretrained
+    from kt_jax.model.lora import apply_lora, merge_lora
+    from kt_jax.sharding import make_mesh
+    from kt_jax.train.loop import train
+    from kt_jax.train.optimizer import lr_schedule, make_optimizer
+    from kt_jax.train.state import create_state
+    from kt_jax.train.steps import make_dpo_loss, make_eval_step, make_sft_loss, make_train_step
+
+    cfg.validate()
+    if preference != (cfg.kind == "kc"):
+        raise ConfigError(f"kind: {cfg.kind!r} does not fit {'dpo (needs kc)' if preference else 'sft (qa or ka)'}")
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    stamp = run_dir / "config.hash"
+    changed = stamp.exists() and stamp.read_text().strip() != config_hash(cfg)
+    if changed and (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"{cfg_path}: {run_dir} holds checkpoints of a different config; use a new output_dir")
+    save_config(cfg, cfg_path)
+    stamp.write_text(config_hash(cfg) + "\n")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    records, report = read_records(cfg.train_file, cfg.kind)
+    if not records:
+        raise DataError(f"{cfg.train_file}: no records")
+    import jax.numpy as jnp
+
+    model = load_pretrained(cfg.model, mesh=mesh, dtype=getattr(jnp, cfg.train.compute_dtype),
+                            param_dtype=getattr(jnp, cfg.train.param_dtype), remat=cfg.train.remat)
+    if cfg.finetuning == "lora":
+        apply_lora(model, cfg.lora, seed=cfg.train.seed)
+    if preference:
+        records = attach_reference_logps(model, tok, records, cfg, mesh, run_dir / "kc_with_ref.jsonl")
+    train_recs, eval_recs = split_eval(records, cfg.train.eval_rows, cfg.train.seed)
+    per_epoch = count_batches(train_recs, tok, cfg.data, preference)
+    if per_epoch == 0:
+        raise DataError(f"{cfg.train_file}: no training batch: every row was skipped (longer than data.max_len="
+                        f"{cfg.data.max_len} under data.overlength={cfg.data.overlength!r})")
+    total = cfg.train.num_steps or max(1, math.floor(cfg.train.num_epochs * per_epoch / cfg.train.grad_accum))
+    data_cfg = dataclasses.replace(cfg.data, num_epochs=None)  # the step count ends the run
+    data = iter(make_dataset(train_recs, tok, data_cfg, preference=preference))
+    eval_cfg = dataclasses.replace(cfg.data, shuffle=False, num_epochs=1)
+    eval_data = (lambda: iter(make_dataset(eval_recs, tok, eval_cfg, preference=preference))) if eval_recs else None
+    tx = make_optimizer(cfg.optim, total)
+    ts = create_state(model, tx, mesh)
+    loss_fn = make_dpo_loss(cfg.dpo, cfg.train.chunk_size) if preference else make_sft_loss(cfg.train.chunk_size)
+    result = train(ts, make_train_step(ts, tx, loss_fn), data, cfg=cfg.train, total_steps=total, run_dir=run_dir,
+                   mesh=mesh, eval_step=make_eval_step(ts, loss_fn), eval_data=eval_data,
+                   lr_fn=lr_schedule(cfg.optim, total), on_step=on_step)
+    summary: dict[str, Any] = {
+        "mode": "dpo" if preference else "sft", "finetuning": cfg.finetuning, "steps": result.steps,
+        "total_steps": total, "resumed_from": result.resumed_from, "train_rows": len(train_recs),
+        "eval_rows": len(eval_recs), "records": report.summary(), "trainable_params": ts.num_trainable(),
+        "last": result.last_metrics, "best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
+        "seconds": result.seconds, "tokens": result.tokens, "devices": jax.device_count(),
+        "config": to_dict(cfg)}
+    if cfg.export:
+        from kt_jax.train.checkpoint import Checkpoints
+
+        if result.best_step is not None:
+            ck = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+            ck.restore_best(ts)
+            ck.close()
+        exported = merge_lora(ts.model()) if ts.lora else ts.model()
+        save_pretrained(exported, run_dir / "export", copy_tokenizer_from=cfg.tokenizer or cfg.model)
+        summary["export"] = str(run_dir / "export")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
