@@ -12,9 +12,10 @@ byte-level BPE trained on the data. Every method scores the same (alpaca prompt,
 - (b) kt-jax `packing="padded"`: one (prompt, fact) per row, length-bucketed.
 - (c) kt-jax `packing="shared"`: the prompt once per question, facts as sibling segments, rows packed to 512.
 Useful tokens = prompt + fact tokens of every pair (what the per-fact method needs). Achieved FLOP/s counts the
-forward FLOPs each method executes (its actual [B, T] shapes, full T x T attention, LM head on every position)
-over this machine's measured float32 matmul peak (best of jax and torch). Compile time is measured separately
-(a warm-up over every bucket shape) and excluded from the timed runs.
+forward FLOPs each method executes (its actual [B, T] shapes, full T x T attention, LM head where it runs)
+over this machine's measured float32 matmul peak (best of jax and torch); kt-jax runs the LM head only on scored
+positions, HF on every position. Compile time is measured separately (a warm-up over every call shape) and
+excluded from the timed runs.
 """
 
 from __future__ import annotations
@@ -99,18 +100,18 @@ def kt_scores(model, pairs, *, packing: str, batch_size: int, pack_len: int, max
     """(summed fact log-probs, seconds, executed FLOPs, warm-up/compile seconds) with kt-jax."""
     from kt_jax import scoring
 
-    groups = scoring._groups(pairs, packing, min(pack_len, max_len), 64)
-    rows = scoring._pack(groups, packing, min(pack_len, max_len), 64)
-    lengths = [t for t, _ in scoring._batches(rows, max_len, batch_size)]
-    flops = sum(common.forward_flops(model.config, batch_size * t, t) for t in lengths)
-    # warm-up: one pair per used bucket length compiles every [batch_size, bucket] shape the timed run uses
-    t0 = time.perf_counter()
-    warm = [([1] * (b - 1), [2]) for b in sorted(set(lengths))]
-    scoring.score_encoded(model, warm, max_len=max_len, packing="padded", batch_size=batch_size)
+    opts = dict(max_len=max_len, packing=packing, batch_size=batch_size, pack_len=pack_len)
+    calls = scoring.plan(pairs, **opts)
+    flops = 0.0
+    for c in calls:
+        (b, t), k = c.inputs["input_ids"].shape, c.inputs["gather_idx"].shape[1]
+        flops += common.forward_flops(model.config, b * t, t, lm_head_tokens=b * k)
+    t0 = time.perf_counter()  # warm-up: compile every call shape the timed run uses
+    shapes = scoring.warmup(model, calls)
     compile_s = time.perf_counter() - t0
+    print(f"{packing}: {len(calls)} calls, {shapes} compiled shapes in {compile_s:.1f} s")
     t0 = time.perf_counter()
-    out = scoring.score_encoded(model, pairs, max_len=max_len, packing=packing, batch_size=batch_size,
-                                pack_len=pack_len)
+    out = scoring.score_encoded(model, pairs, **opts)
     return [s for s, _ in out], time.perf_counter() - t0, flops, compile_s
 
 

@@ -88,23 +88,25 @@ def llama_dims(cfg: Any) -> dict[str, int]:
                 layers=_get(cfg, "num_hidden_layers", "num_layers"), heads=heads, kv=kv, hd=hd)
 
 
-def matmul_params(cfg: Any) -> int:
-    """Weights used in matmuls per token: attention + MLP projections of every layer + the LM head."""
+def matmul_params(cfg: Any, lm_head: bool = True) -> int:
+    """Weights used in matmuls per token: attention + MLP projections of every layer (+ the LM head)."""
     m = llama_dims(cfg)
     attn = m["d"] * m["hd"] * (2 * m["heads"] + 2 * m["kv"])
-    return m["layers"] * (attn + 3 * m["d"] * m["f"]) + m["d"] * m["v"]
+    return m["layers"] * (attn + 3 * m["d"] * m["f"]) + (m["d"] * m["v"] if lm_head else 0)
 
 
-def forward_flops(cfg: Any, tokens: int, context: float) -> float:
+def forward_flops(cfg: Any, tokens: int, context: float, lm_head_tokens: int | None = None) -> float:
     """Forward FLOPs for `tokens` query tokens that each attend to `context` keys on average.
 
     2 FLOPs per matmul weight per token, plus QK^T and PV: 4 * heads * head_dim * context per token per layer.
     For a dense [B, T] batch computed with a full (masked) T x T attention, pass tokens=B*T and context=T;
-    for the causal useful work of one sequence of length T, context=(T+1)/2.
+    for the causal useful work of one sequence of length T, context=(T+1)/2. The LM head runs on
+    `lm_head_tokens` positions (default: all `tokens`).
     """
     m = llama_dims(cfg)
     attn = 4 * m["layers"] * m["heads"] * m["hd"] * context
-    return tokens * (2 * matmul_params(cfg) + attn)
+    head = tokens if lm_head_tokens is None else lm_head_tokens
+    return tokens * (2 * matmul_params(cfg, lm_head=False) + attn) + head * 2 * m["d"] * m["v"]
 
 
 def machine_load() -> str:

@@ -1,7 +1,8 @@
 """Fact perplexities and response log-probs: length-bucketed, packed, prefix-shared, sharded, exact.
 
 Every (prompt, response) pair is tokenized exactly as training does (`templates.encode_pair`) and scored with
-the training log-prob code (`ops.logprobs`), so scores cannot depend on how pairs are batched:
+the training log-prob code (`ops.logprobs.token_logprobs`, on the scored positions only: the LM head never runs on
+shared prompts or padding); per-fact sums are taken in float64 on the host. Layouts (all give the same numbers):
 
 - ``packing="shared"`` (default): pairs with the same prompt form a *group*; the prompt (all but its last token) is
   encoded once, and every response is a sibling segment ``[last prompt token, response...]`` that attends to the
@@ -39,7 +40,7 @@ from jax.sharding import Mesh
 
 from kt_jax.data.templates import alpaca_prompt, encode_pair
 from kt_jax.errors import ConfigError
-from kt_jax.ops.logprobs import DEFAULT_CHUNK, model_token_logprobs
+from kt_jax.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from kt_jax.sharding import batch_axis_size, shard_batch
 
 PACKINGS = ("shared", "packed", "padded")
@@ -153,17 +154,39 @@ def _row_arrays(row: list[_Group], length: int) -> dict[str, np.ndarray]:
     return a
 
 
+def _gather(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Device inputs for one call: the row arrays plus the scored positions compacted to the front of [B, K].
+
+    K is the smallest multiple of T/4 holding every row's scored positions, so the LM head runs on scored
+    positions only (not on shared prompts or padding) with at most 4 shapes per bucket.
+    """
+    mask_BxT = host["loss_mask"] > 0
+    b, t = mask_BxT.shape
+    step = max(t // 4, 1)
+    k = min(t, -(-max(int(mask_BxT.sum(1).max()), 1) // step) * step)
+    idx_BxK = np.zeros((b, k), np.int32)
+    valid_BxK = np.zeros((b, k), bool)
+    for r in range(b):
+        pos = np.flatnonzero(mask_BxT[r])
+        idx_BxK[r, : len(pos)], valid_BxK[r, : len(pos)] = pos, True
+    out = {name: host[name] for name in ("input_ids", "positions", "group", "seg", "prefix")}
+    out["gather_idx"] = idx_BxK
+    out["gather_targets"] = np.take_along_axis(host["targets"], idx_BxK, axis=1)
+    out["gather_valid"] = valid_BxK
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def _score_rows(graphdef: Any, state: Any, batch: dict[str, jax.Array], *, chunk_size: int) -> jax.Array:
-    """Masked target log-probs [B, T] (0 outside the loss mask) under the prefix-sharing block mask."""
+    """Target log-probs [B, K] at the gathered scored positions (0 where invalid), prefix-sharing block mask."""
     model = nnx.merge(graphdef, state)
     group, seg, prefix = batch["group"], batch["seg"], batch["prefix"].astype(bool)
     same_group = group[:, :, None] == group[:, None, :]
     allowed_BxTxT = same_group & ((seg[:, :, None] == seg[:, None, :]) | prefix[:, None, :])
-    lm_batch = {"input_ids": batch["input_ids"], "positions": batch["positions"], "targets": batch["targets"],
-                "attn_mask": allowed_BxTxT}
-    logp_BxT = model_token_logprobs(model, lm_batch, chunk_size=chunk_size)
-    return jnp.where(batch["loss_mask"] > 0, logp_BxT, 0.0)
+    hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["positions"], None, allowed_BxTxT)
+    hidden_BxKxD = jnp.take_along_axis(hidden_BxTxD, batch["gather_idx"][:, :, None], axis=1)
+    logp_BxK = token_logprobs(hidden_BxKxD, model.lm_head_kernel(), batch["gather_targets"], chunk_size=chunk_size)
+    return jnp.where(batch["gather_valid"], logp_BxK, 0.0)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -187,6 +210,44 @@ def _batches(rows: list[list[_Group]], max_len: int, batch_size: int) -> Iterato
             yield length, chunk[i : i + batch_size]
 
 
+@dataclasses.dataclass
+class _Call:
+    rows: list[list[_Group]]
+    host: dict[str, np.ndarray]  # row arrays [B, T]
+    inputs: dict[str, np.ndarray]  # device inputs (row arrays + gathered [B, K])
+
+
+def plan(
+    pairs: Sequence[tuple[list[int], list[int]]],
+    *,
+    max_len: int = 1024,
+    mesh: Mesh | None = None,
+    packing: str = "shared",
+    batch_size: int = 8,
+    pack_len: int | None = 512,
+    max_segments: int = 64,
+) -> list[_Call]:
+    """The jitted calls `score_encoded` makes for these pairs (rows, host arrays, device inputs), in order."""
+    if packing not in PACKINGS:
+        raise ConfigError(f"packing={packing!r}; choose one of {PACKINGS}")
+    if batch_size < 1 or max_segments < 1 or max_len < 2:
+        raise ConfigError(f"batch_size={batch_size}, max_segments={max_segments}, max_len={max_len}: must be >= 1/1/2")
+    for i, (p, r) in enumerate(pairs):
+        if r and len(p) + len(r) > max_len:
+            raise ConfigError(f"pair {i} has {len(p) + len(r)} tokens, more than max_len={max_len}")
+    pack_len = min(pack_len or max_len, max_len)
+    rows = _pack(_groups(pairs, packing, pack_len, max_segments), packing, pack_len, max_segments)
+    ways = batch_axis_size(mesh) if mesh is not None else 1
+    batch_size = -(-batch_size // ways) * ways
+    calls = []
+    for length, chunk in _batches(rows, max_len, batch_size):
+        arrays = [_row_arrays(row, length) for row in chunk]
+        arrays += [_row_arrays([], length)] * (batch_size - len(chunk))
+        host = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+        calls.append(_Call(chunk, host, _gather(host)))
+    return calls
+
+
 def score_encoded(
     model: nnx.Module,
     pairs: Sequence[tuple[list[int], list[int]]],
@@ -204,37 +265,26 @@ def score_encoded(
 
     Each pair with a response must fit in `max_len` tokens. Responses with no scorable token give (0.0, 0).
     """
-    if packing not in PACKINGS:
-        raise ConfigError(f"packing={packing!r}; choose one of {PACKINGS}")
-    if batch_size < 1 or max_segments < 1 or max_len < 2:
-        raise ConfigError(f"batch_size={batch_size}, max_segments={max_segments}, max_len={max_len}: must be >= 1/1/2")
-    for i, (p, r) in enumerate(pairs):
-        if r and len(p) + len(r) > max_len:
-            raise ConfigError(f"pair {i} has {len(p) + len(r)} tokens, more than max_len={max_len}")
-    pack_len = min(pack_len or max_len, max_len)
-    groups = _groups(pairs, packing, pack_len, max_segments)
-    rows = _pack(groups, packing, pack_len, max_segments)
-    ways = batch_axis_size(mesh) if mesh is not None else 1
-    batch_size = -(-batch_size // ways) * ways
+    calls = plan(pairs, max_len=max_len, mesh=mesh, packing=packing, batch_size=batch_size, pack_len=pack_len,
+                 max_segments=max_segments)
     graphdef, state = nnx.split(model)
     sums, counts = np.zeros(len(pairs)), np.zeros(len(pairs), np.int64)
-    work = list(_batches(rows, max_len, batch_size))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(s.tokens) for g in groups for s in g.siblings), desc="score", unit="tok")
-    pending: tuple[Any, list[list[_Group]], dict[str, np.ndarray]] | None = None
+        total = sum(len(s.tokens) for c in calls for row in c.rows for g in row for s in g.siblings)
+        bar = tqdm(total=total, desc="score", unit="tok")
 
-    def collect(done: tuple[Any, list[list[_Group]], dict[str, np.ndarray]]) -> None:
+    def collect(logp_BxK: jax.Array, call: _Call) -> None:
         # float64 sums on the host: float32 accumulation order would depend on the row layout
-        logp_BxT, chunk, host = done
-        logp_BxT = _host(logp_BxT).astype(np.float64)
-        for r, row in enumerate(chunk):
+        logp_BxK = _host(logp_BxK).astype(np.float64)
+        idx, valid = call.inputs["gather_idx"], call.inputs["gather_valid"]
+        score_ids_BxK = np.take_along_axis(call.host["score_ids"], idx, axis=1) * valid
+        for r, row in enumerate(call.rows):
             siblings = [s for g in row for s in g.siblings]
-            ids = host["score_ids"][r] * (host["loss_mask"][r] > 0)
-            seg_sum = np.bincount(ids, weights=logp_BxT[r], minlength=len(siblings) + 1)
-            seg_count = np.bincount(ids, minlength=len(siblings) + 1)
+            seg_sum = np.bincount(score_ids_BxK[r], weights=logp_BxK[r], minlength=len(siblings) + 1)
+            seg_count = np.bincount(score_ids_BxK[r], minlength=len(siblings) + 1)
             for j, s in enumerate(siblings, start=1):
                 if int(seg_count[j]) != s.n_scored:
                     raise RuntimeError(f"pair {s.key}: scored {seg_count[j]} tokens, expected {s.n_scored}")
@@ -242,20 +292,32 @@ def score_encoded(
             if bar is not None:
                 bar.update(sum(len(s.tokens) for s in siblings))
 
-    for length, chunk in work:
-        arrays = [_row_arrays(row, length) for row in chunk]
-        arrays += [_row_arrays([], length)] * (batch_size - len(chunk))
-        host = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
-        batch = shard_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
+    pending: tuple[jax.Array, _Call] | None = None
+    for call in calls:
+        batch = shard_batch(call.inputs, mesh) if mesh is not None else jax.tree.map(jnp.asarray, call.inputs)
         out = _score_rows(graphdef, state, batch, chunk_size=chunk_size)
         if pending is not None:  # one call in flight while the next is prepared; never more (CPU mesh hang)
-            collect(pending)
-        pending = (out, chunk, host)
+            collect(*pending)
+        pending = (out, call)
     if pending is not None:
-        collect(pending)
+        collect(*pending)
     if bar is not None:
         bar.close()
     return [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
+
+
+def warmup(model: nnx.Module, calls: Sequence[_Call], *, mesh: Mesh | None = None,
+           chunk_size: int = DEFAULT_CHUNK) -> int:
+    """Compile every distinct call shape in `calls` (from `plan`) on dummy inputs; returns how many."""
+    graphdef, state = nnx.split(model)
+    seen = {}
+    for call in calls:
+        seen.setdefault(tuple((k, v.shape) for k, v in sorted(call.inputs.items())), call.inputs)
+    for inputs in seen.values():
+        dummy = {k: np.zeros_like(v) for k, v in inputs.items()}
+        batch = shard_batch(dummy, mesh) if mesh is not None else jax.tree.map(jnp.asarray, dummy)
+        _host(_score_rows(graphdef, state, batch, chunk_size=chunk_size))
+    return len(seen)
 
 
 def _score_pairs(model: nnx.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_len: int,
