@@ -63,8 +63,10 @@ def create_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
         param_sh = nnx.to_pure_dict(state_shardings(trained, mesh))
         opt_sh = optimizer_shardings(tx, params, param_sh, mesh)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    else:
-        opt_state = tx.init(params)
+    else:  # commit everything to one device so step outputs match inputs (no recompile on the second step)
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params, frozen = jax.device_put(params, dev), jax.device_put(frozen, dev)
+        opt_state = jax.device_put(tx.init(params), dev)
     return TrainState(graphdef, trained, params, frozen, opt_state, 0, lora, param_sh, opt_sh)
 
 
