@@ -21,7 +21,8 @@ from kt_jax.data.tokenizer import train_bpe_tokenizer
 from kt_jax.testing import make_hf_llama
 
 pytestmark = pytest.mark.timeout(600)
-WORDS = ["red", "blue", "green", "river", "castle", "queen", "king", "water", "stone", "fire", "north", "south", "old", "new", "city", "bridge"]
+WORDS = ["red", "blue", "green", "river", "castle", "queen", "king", "water", "stone", "fire", "north", "south",
+         "old", "new", "city", "bridge"]
 
 
 @pytest.fixture(scope="module")
