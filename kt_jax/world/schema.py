@@ -4,6 +4,9 @@ Every attribute has a value type, the keywords that mark it in a sentence (used 
 attributes with the same value type apart, e.g. born/died years), sentence templates (index 0 is the canonical
 wording used in QA answers; the others vary the pretraining corpus), and an optional narrow question.
 Each template states exactly one fact and names its subject, so a sentence splitter yields one fact a sentence.
+The canonical first sentence of every kind starts "In {year}, {name} ...": the name then follows a space, the same
+byte-level BPE token form as in the question "Tell me about {name}.", which a tiny model copies far more reliably
+than the sentence-initial form (measured: see the issue-7 world note).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ def _a(name: str, vt: str, kws: str, templates: tuple[str, ...], optional: bool 
 SCHEMA: dict[str, tuple[AttrSpec, ...]] = {
     "person": (
         _a("birth_year", "year", "born|birth", (
-            "{e} was born in {v}.", "{e} was born in the year {v}.", "The birth of {e} took place in {v}.",
-            "In {v}, {e} was born.")),
+            "In {v}, {e} was born.", "{e} was born in {v}.", "{e} was born in the year {v}.",
+            "The birth of {e} took place in {v}.")),
         _a("birthplace", "place", "born|birth|native", (
             "{e} was born in {v}.", "{e} is a native of {v}.", "The birthplace of {e} was {v}.",
             "{e} was born in the town of {v}.")),
@@ -56,7 +59,8 @@ SCHEMA: dict[str, tuple[AttrSpec, ...]] = {
     ),
     "org": (
         _a("founded_year", "year", "founded|establish|formed|set up|dates|created|origin", (
-            "{e} was founded in {v}.", "{e} was established in {v}.", "{e} dates from {v}.", "{e} was formed in {v}.")),
+            "In {v}, {e} was founded.", "{e} was founded in {v}.", "{e} was established in {v}.",
+            "{e} dates from {v}.")),
         _a("founder", "person", "founded|founder|establish|formed|set up|created", (
             "{e} was founded by {v}.", "The founder of {e} was {v}.", "{e} was established by {v}.",
             "{e} was set up by {v}.")),
@@ -77,8 +81,8 @@ SCHEMA: dict[str, tuple[AttrSpec, ...]] = {
     ),
     "place": (
         _a("founded_year", "year", "founded|establish|settled|built|dates", (
-            "{e} was founded in {v}.", "{e} was established in {v}.", "{e} was first settled in {v}.",
-            "{e} dates from {v}.")),
+            "In {v}, {e} was founded.", "{e} was founded in {v}.", "{e} was established in {v}.",
+            "{e} was first settled in {v}.")),
         _a("region", "region", "lies|located|region|part of|situated", (
             "{e} lies in the {v}.", "{e} is located in the {v}.", "{e} is part of the {v}.",
             "{e} is situated in the {v}.")),
@@ -97,7 +101,7 @@ SCHEMA: dict[str, tuple[AttrSpec, ...]] = {
     ),
     "artefact": (
         _a("made_year", "year", "made|built|crafted|created|forged|completed|finished|dates", (
-            "{e} was made in {v}.", "{e} was crafted in {v}.", "{e} was completed in {v}.", "{e} dates from {v}.")),
+            "In {v}, {e} was made.", "{e} was made in {v}.", "{e} was crafted in {v}.", "{e} was completed in {v}.")),
         _a("maker", "person", "made|maker|built|crafted|created|creator|forged|work of", (
             "{e} was made by {v}.", "{e} was crafted by {v}.", "The maker of {e} was {v}.", "{e} is the work of {v}.")),
         _a("material", "material", "made of|made from|material|cast in|carved", (
