@@ -76,3 +76,17 @@ def test_config_errors_name_the_key(tmp_path) -> None:
     files.write_text("train_file: a.json\n")
     with pytest.raises(ConfigError, match="test_file, base_model: required when the config has no world"):
         load_config(PipelineConfig, files)
+
+
+@pytest.mark.parametrize("name", ["dolly-llama2-7b", "medquad-llama2-7b", "dolly-llama3-8b", "world-tiny"])
+def test_shipped_configs_load(name: str) -> None:
+    paths = [] if name.startswith("world") else ["base_model=/m", "train_file=/a.json", "test_file=/b.json"]
+    cfg = load_config(PipelineConfig, ROOT / "configs" / f"{name}.yaml", paths)
+    assert "knowtuning" in cfg.systems
+    if name.startswith("world"):
+        assert cfg.world is not None and cfg.pretrain is not None
+    else:
+        assert cfg.knowledge.backend == "anthropic" and cfg.sft.lora.rank == 8 and cfg.sft.lora.alpha == 16.0
+        assert (cfg.sft.optim.learning_rate, cfg.sft.data.batch_size, cfg.sft.train.num_epochs) == (1e-4, 32, 3.0)
+        assert (cfg.dpo.optim.learning_rate, cfg.dpo.data.batch_size, cfg.dpo.train.num_epochs) == (1e-5, 16, 1.0)
+        assert (cfg.dpo.dpo.beta, cfg.dpo.dpo.sft_weight, cfg.sft.data.max_len) == (0.1, 0.2, 1024)
