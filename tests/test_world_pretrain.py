@@ -66,3 +66,19 @@ def test_ci_pretraining_lowers_loss_and_saves_a_hf_model(tmp_path):
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), tok.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_lm_loss_matches_a_float64_log_softmax():
+    import jax.numpy as jnp
+
+    from kt_jax.world.pretrain import build_model, lm_loss
+
+    model = build_model(PretrainConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2), 97)
+    rows = pack_rows([[1, 5, 9, 2], [1, 7, 7, 8, 2], [1, 3, 2]], seq_len=16, rng=np.random.default_rng(0))
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    logits = np.asarray(model(batch["input_ids"], batch["positions"], batch["segment_ids"]), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    picked = np.take_along_axis(logp, rows["targets"][..., None], -1)[..., 0]
+    want = -(picked * rows["loss_mask"]).sum() / rows["loss_mask"].sum()
+    assert float(lm_loss(model, batch)) == pytest.approx(want, rel=1e-5)

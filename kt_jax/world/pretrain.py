@@ -120,13 +120,12 @@ def pack_rows(docs_ids: Sequence[list[int]], seq_len: int, rng: np.random.Genera
     return out
 
 
-def _loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean next-token cross-entropy over loss_mask."""
-    logits_BxTxV = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-    logp_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"]
-    return -(logp_BxT * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean next-token cross-entropy over `loss_mask` (the shared chunked log-prob code of scoring/training)."""
+    from kt_jax.ops.logprobs import masked_sum, model_token_logprobs
+
+    total_B, count_B = masked_sum(model_token_logprobs(model, batch), batch["loss_mask"])
+    return -total_B.sum() / jnp.maximum(count_B.sum(), 1.0)
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int) -> Any:
@@ -141,7 +140,10 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> Any:
 
 def train_lm(model: Any, rows_fn: Callable[[int], dict[str, np.ndarray]], cfg: PretrainConfig,
              progress: bool = False) -> list[float]:
-    """Train `model` in place with AdamW (warmup + cosine); returns the loss every `log_every` steps."""
+    """Train `model` in place with AdamW (warmup + cosine); returns the mean loss of every `log_every` steps.
+
+    `rows_fn(epoch)` gives that epoch's packed rows (a dict of [N, T] arrays); batches are taken in row order.
+    """
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1) or 1, cfg.steps,
                                                cfg.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=cfg.weight_decay))
@@ -150,7 +152,7 @@ def train_lm(model: Any, rows_fn: Callable[[int], dict[str, np.ndarray]], cfg: P
 
     @jax.jit
     def step(params: Any, opt_state: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p, rest), batch))(params)
+        loss, grads = jax.value_and_grad(lambda p: lm_loss(nnx.merge(graphdef, p, rest), batch))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -175,7 +177,7 @@ def train_lm(model: Any, rows_fn: Callable[[int], dict[str, np.ndarray]], cfg: P
             losses.append(value)
             pending = []
             if bar is not None:
-                bar.update(cfg.log_every if (i + 1) % cfg.log_every == 0 else (i + 1) % cfg.log_every)
+                bar.update(i + 1 - bar.n)
                 bar.set_postfix(loss=f"{value:.3f}", epoch=epoch)
     if bar is not None:
         bar.close()
@@ -216,16 +218,9 @@ def pretrain_world(preset: WorldPreset, out_dir: str | Path, *, world: World | N
     tok = train_bpe_tokenizer(docs, cfg.vocab_size, out / "tokenizer")
     docs_ids = [encode_doc(tok, d) for d in docs]
     rng = np.random.default_rng(cfg.seed)
-    epochs: dict[int, dict[str, np.ndarray]] = {}
-
-    def rows_fn(epoch: int) -> dict[str, np.ndarray]:
-        epochs.clear()
-        epochs[epoch] = pack_rows(docs_ids, cfg.seq_len, rng)
-        return epochs[epoch]
-
     model = build_model(cfg, tok.vocab_size)
     t1 = time.perf_counter()
-    losses = train_lm(model, rows_fn, cfg, progress=progress)
+    losses = train_lm(model, lambda epoch: pack_rows(docs_ids, cfg.seq_len, rng), cfg, progress=progress)
     t2 = time.perf_counter()
     save_pretrained(model, out / "model", copy_tokenizer_from=out / "tokenizer")
     tokens = sum(len(d) for d in docs_ids)
