@@ -134,6 +134,12 @@ def test_kendall_tau_by_hand():
         kendall_tau([0])
 
 
+def test_malformed_year_is_a_wrong_year(world):
+    r = Checker(world).check("Dorvak Milen died in 190. The Orrin Lantern weighs 12 kilograms.", "person0")
+    assert [(t.attribute, t.value) for t in r.wrong] == [("death_year", 190)]
+    assert [(t.entity, t.attribute) for t in r.correct] == [("artefact0", "weight")]  # a number stays a number
+
+
 def test_negated_sentence_states_nothing(world):
     r = Checker(world).check("Tasmora is not known for its wool. Tasmora has a population of 12400.", "place0")
     assert [(t.attribute, t.value) for t in r.stated] == [("population", 12400)]

@@ -183,6 +183,9 @@ class Checker:
                 if m.value == subject:
                     continue
                 got = self._resolve(kind, m, lower, spans)
+                if got is None and m.vtype == "number":  # a malformed year ("died in 175") is a wrong year
+                    m = dataclasses.replace(m, vtype="year")
+                    got = self._resolve(kind, m, lower, spans)
                 if got is None:
                     continue
                 attr, inverse = got
