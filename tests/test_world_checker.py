@@ -88,7 +88,7 @@ def test_inverse_relations_and_other_entities(world):
     r = Checker(world).check(text, "person0")
     assert triples(r) == {("artefact0", "maker", "person0"), ("org0", "founder", "person1"),
                           ("org0", "founded_year", 1825), ("place0", "population", 12400)}
-    assert len(r.correct) == 3 and len(r.wrong) == 1 and r.recalled == 1
+    assert len(r.correct) == 3 and len(r.wrong) == 1 and r.recalled == 1 and r.off_target == 3
     assert r.factuality == pytest.approx(0.75) and r.logicality is None
 
 

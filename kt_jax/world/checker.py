@@ -58,6 +58,7 @@ class FactReport:
     wrong: list[Triple]
     hallucinated: list[Triple]
     recalled: int  # gold facts stated correctly
+    off_target: int  # stated triples about other entities (not the asked one, nor an inverse of its facts)
     completeness: float
     factuality: float | None  # None when nothing was stated
     logicality: float | None  # None when fewer than two of the entity's facts were stated
@@ -252,8 +253,9 @@ class Checker:
                 rank = canonical_index(ent.kind, attr)
                 if rank not in order:
                     order.append(rank)
+        off_target = sum(self._about(t, entity_id) is None for t in stated)
         return FactReport(
-            entity_id, gold, stated, correct, wrong, halluc, recalled,
+            entity_id, gold, stated, correct, wrong, halluc, recalled, off_target,
             completeness=recalled / len(gold) if gold else 1.0,
             factuality=len(correct) / len(stated) if stated else None,
             logicality=kendall_tau(order) if len(order) >= 2 else None,
@@ -277,6 +279,7 @@ def summarize(reports: Sequence[FactReport]) -> dict[str, float]:
         "stated_per_answer": stated / n if n else float("nan"),
         "wrong_per_answer": sum(len(r.wrong) for r in reports) / n if n else float("nan"),
         "hallucinated_per_answer": sum(len(r.hallucinated) for r in reports) / n if n else float("nan"),
+        "off_target_per_answer": sum(r.off_target for r in reports) / n if n else float("nan"),
     }
 
 
