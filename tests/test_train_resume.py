@@ -140,6 +140,7 @@ def test_restore_onto_another_mesh(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_dpo_command_end_to_end(world, tmp_path, capsys):
     from kt_jax.data.records import read_records
 

@@ -98,11 +98,11 @@ def test_dpo_step_loss_matches_hf_formula(llama2_dir):
     assert float(metrics["rewards/accuracy"]) == pytest.approx(acc)
 
 
-def _tiny_model(lora: bool, seed: int = 0):
+def _tiny_model(lora: bool, seed: int = 0, dtype: str = "float32"):
     from kt_jax.model.llama import Llama, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2)
+                      num_kv_heads=2, dtype=dtype)
     model = Llama(cfg, nnx.Rngs(seed))
     if lora:
         apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
@@ -198,3 +198,26 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
              save_every=2)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == [2, 4]
     assert math.isfinite(_losses(tmp_path)[-1])
+
+
+@pytest.mark.slow
+def test_grad_accumulation_means_microbatches_and_bf16_step():
+    from kt_jax.train.steps import make_eval_step
+
+    rng = np.random.default_rng(6)
+    b1, b2 = sft_batch(rng, 4, 16), sft_batch(rng, 4, 12)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
+    ts = create_state(_tiny_model(lora=False), tx)
+    loss_fn = make_sft_loss(chunk_size=8)
+    ev = make_eval_step(ts, loss_fn)
+    single = [float(ev(ts.params, ts.frozen, to_device(stack_micro([b]), None))["loss"]) for b in (b1, b2)]
+    micro = to_device(stack_micro([b1, b2]), None)  # b2 is zero-padded to T=16
+    _, _, m = make_train_step(ts, tx, loss_fn)(ts.params, ts.opt_state, ts.frozen, micro)
+    assert float(m["loss"]) == pytest.approx(np.mean(single), abs=1e-5)
+    assert float(m["tokens"]) == float((b1["segment_ids"] > 0).sum() + (b2["segment_ids"] > 0).sum())
+    # bf16 compute with float32 parameters: same loss to bf16 precision, params stay float32
+    model16 = _tiny_model(lora=False, dtype="bfloat16")
+    ts16 = create_state(model16, tx)
+    p16, _, m16 = make_train_step(ts16, tx, loss_fn)(ts16.params, ts16.opt_state, ts16.frozen, micro)
+    assert float(m16["loss"]) == pytest.approx(float(m["loss"]), rel=2e-2)
+    assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.float32)}
