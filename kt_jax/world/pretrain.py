@@ -217,6 +217,10 @@ def pretrain_world(preset: WorldPreset, out_dir: str | Path, *, world: World | N
     docs = corpus(world)
     tok = train_bpe_tokenizer(docs, cfg.vocab_size, out / "tokenizer")
     docs_ids = [encode_doc(tok, d) for d in docs]
+    longest = max(len(d) for d in docs_ids)
+    if longest > cfg.seq_len:
+        raise ConfigError(f"pretrain.seq_len={cfg.seq_len} is shorter than the longest corpus document ({longest} "
+                          "tokens); raise it")
     rng = np.random.default_rng(cfg.seed)
     model = build_model(cfg, tok.vocab_size)
     t1 = time.perf_counter()
