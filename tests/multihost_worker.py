@@ -258,7 +258,7 @@ def kc_records() -> list[Any]:
     return [KCRecord(f"Q{i}?", f"A{i} is right" + "." * (i % 5), f"A{i} is wrong" + "!" * (i % 3)) for i in range(16)]
 
 
-def _trainer_steps(ctx: Context, preference: bool) -> dict[str, np.ndarray]:
+def _trainer_steps(ctx: Context, preference: bool, resume: bool = False) -> dict[str, np.ndarray]:
     """3 steps of the training core (kt_jax.train: LoRA q/v, AdamW + clipping, SFT or DPO loss) on Grain batches."""
     try:
         from kt_jax.model.lora import LoRAConfig, apply_lora, lora_disabled
@@ -286,8 +286,13 @@ def _trainer_steps(ctx: Context, preference: bool) -> dict[str, np.ndarray]:
             ref = sequence_logprobs(model, Bytes(), pairs, max_len=256, mesh=mesh)
         recs = [dc.replace(r, ref_chosen_logp=ref[2 * i][0], ref_rejected_logp=ref[2 * i + 1][0])
                 for i, r in enumerate(recs)]
-    else:
+    elif not resume:  # one example per packed row: each global batch holds the same examples on any topology
         recs = sft_records()
+    else:  # answer lengths vary enough that the two processes' packed rows use up different numbers of examples
+        from kt_jax.data.records import QARecord
+
+        recs = [QARecord(f"Q{i}?", f"A{i}." + "y" * (i * 37 % 230)) for i in range(48)]
+        cfg = dc.replace(cfg, max_len=512, buckets=(512,))
     tx = make_optimizer(OptimConfig(learning_rate=1e-2), total_steps=3)
     ts = create_state(model, tx, mesh)
     loss_fn = make_dpo_loss(DPOConfig()) if preference else make_sft_loss()
@@ -297,18 +302,57 @@ def _trainer_steps(ctx: Context, preference: bool) -> dict[str, np.ndarray]:
 
     flat = lambda params: np.concatenate([to_host(x).ravel() for x in jax.tree_util.tree_leaves(params)])
     start = flat(ts.params)  # (a host copy: the step donates its inputs)
-    losses = []
-    for _ in range(3):
-        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen, to_device(stack_micro([next(data)]),
-                                                                                             mesh))
+    losses, out = [], {}
+
+    def one_step() -> None:
+        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen,
+                                                to_device(stack_micro([next(data)]), mesh))
+        ts.step += 1
         losses.append(float(np.asarray(metrics["loss"])))  # blocks every step
-    return {"losses": np.asarray(losses), "trained": flat(ts.params), "start": start,
-            "num_trained": np.asarray(ts.num_trainable())}
+
+    for _ in range(3):
+        one_step()
+        if ts.step == 2 and resume:  # checkpoint (state + this process's data position) after step 2
+            from kt_jax.train.checkpoint import Checkpoints
+
+            ckpt = Checkpoints(ctx.work_dir / f"train_ckpt_{ctx.tag}", keep=2, async_save=True)
+            ckpt.save(ts, data.get_state(), {"note": "after step 2"})
+            ckpt.wait()
+            out["params_at_save"] = flat(ts.params)
+            out["data_state_saved"] = np.asarray(json.dumps(data.get_state(), sort_keys=True))
+    out.update({"losses": np.asarray(losses), "trained": flat(ts.params), "start": start,
+                "num_trained": np.asarray(ts.num_trainable())})
+    if resume:  # restore step 2 and the data position, redo step 3
+        data_state, meta = ckpt.restore(ts)
+        ckpt.close()
+        out["params_restored"] = flat(ts.params)
+        data = iter(make_dataset(recs, Bytes(), cfg, preference=preference))
+        data.set_state(data_state)
+        losses.clear()
+        one_step()
+        out.update({"resumed_loss": np.asarray(losses), "resumed_trained": flat(ts.params),
+                    "resumed_step": np.asarray(ts.step), "data_state_restored": np.asarray(
+                        json.dumps(data_state, sort_keys=True)), "meta_note": np.asarray(meta["note"])})
+        import jax
+        from jax.experimental import multihost_utils
+
+        # did every process get back its own data position? (they differ between the processes here)
+        same = data_state == json.loads(str(out["data_state_saved"]))
+        position = json.loads(str(out["data_state_saved"]))["next"]
+        gathered = np.asarray([int(same), position])
+        out["own_data_state"] = (np.asarray(multihost_utils.process_allgather(gathered)) if jax.process_count() > 1
+                                 else gathered[None])
+    return out
 
 
 def case_sft_train(ctx: Context) -> dict[str, np.ndarray]:
     """kt_jax.train SFT steps (LoRA) on packed Grain batches."""
     return _trainer_steps(ctx, preference=False)
+
+
+def case_sft_resume(ctx: Context) -> dict[str, np.ndarray]:
+    """kt_jax.train SFT steps with a Checkpoints save after step 2, then restore (state + Grain position), redo 3."""
+    return _trainer_steps(ctx, preference=False, resume=True)
 
 
 def case_dpo_train(ctx: Context) -> dict[str, np.ndarray]:
@@ -354,6 +398,7 @@ CASES: dict[str, Callable[[Context], dict[str, np.ndarray]]] = {
     "process_zero_rule": case_process_zero_rule,
     "lm_steps": case_lm_steps,
     "sft_train": case_sft_train,
+    "sft_resume": case_sft_resume,
     "dpo_train": case_dpo_train,
 }
 
