@@ -45,13 +45,26 @@ class TrainResult:
     tokens: float
 
 
+def _agree_length(length: int) -> int:
+    """The longest row length over all processes."""
+    if jax.process_count() == 1:
+        return length
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([length], np.int32))))
+
+
 def stack_micro(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Host batches -> one dict of [A, B, ...] arrays (sequence fields zero-padded to the longest T)."""
+    """Host batches -> one dict of [A, B, ...] arrays (sequence fields zero-padded to the longest T).
+
+    With several processes the longest T is agreed across them (padded batches must have one global shape).
+    """
+    lengths = [np.asarray(v).shape[1] for b in batches for v in b.values() if np.asarray(v).ndim == 2]
+    t = _agree_length(max(lengths)) if lengths else 0
     out = {}
     for key in batches[0]:
         xs = [np.asarray(b[key]) for b in batches]
         if xs[0].ndim == 2:
-            t = max(x.shape[1] for x in xs)
             xs = [np.pad(x, ((0, 0), (0, t - x.shape[1]))) for x in xs]
         out[key] = np.stack(xs)
     return out
