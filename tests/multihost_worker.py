@@ -411,13 +411,32 @@ def run_case(name: str, ctx: Context) -> dict[str, np.ndarray] | str:
         return str(e)
 
 
+def watchdog(deadline_s: float) -> None:
+    """Exit hard when the parent (pytest) is gone or the deadline passes: jax.distributed traps SIGTERM, and an
+    orphaned worker stuck in a loop would otherwise burn CPU forever."""
+    import os
+    import threading
+
+    parent, end = os.getppid(), time.monotonic() + deadline_s
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent or time.monotonic() > end:
+                os._exit(124)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", required=True, type=Path)
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--deadline", type=float, default=600.0, help="seconds before the worker exits anyway")
     parser.add_argument("cases", nargs="+", choices=sorted(CASES))
     args = parser.parse_args(argv)
+    watchdog(args.deadline)
 
     from kt_jax.distributed import initialize_from_env, is_main_process, process_summary, setup_logging
 

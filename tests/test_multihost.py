@@ -41,7 +41,8 @@ def launch(hf_dir: Path, work: Path, out: Path) -> list[subprocess.Popen]:
                "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "KT_JAX_COORDINATOR": f"127.0.0.1:{port}",
                "KT_JAX_NUM_PROCESSES": str(PROCESSES), "KT_JAX_PROCESS_ID": str(i)}
         env.pop("JAX_NUM_CPU_DEVICES", None)
-        cmd = [sys.executable, str(WORKER), "--hf", str(hf_dir), "--work", str(work), "--out", str(out), *mw.CASES]
+        cmd = [sys.executable, str(WORKER), "--hf", str(hf_dir), "--work", str(work), "--out", str(out),
+               "--deadline", str(TIMEOUT_S + 30), *mw.CASES]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     return procs
