@@ -15,13 +15,17 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from kt_jax.config import load_config
+    from kt_jax.distributed import initialize_from_env, is_main_process, setup_logging
     from kt_jax.pipeline import SYSTEM_LABELS, Pipeline, PipelineConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(PipelineConfig, args.config, args.overrides)  # config errors before any cluster set-up
+    initialize_from_env()  # multi-process JAX when launched so (KT_JAX_* variables, or auto on TPU VMs)
+    setup_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
     pipeline = Pipeline(cfg)
     summary = pipeline.run()
+    if not is_main_process():
+        return 0
     print(f"\nkt-jax run {cfg.name}: done in {summary['seconds']:.0f} s -> {summary['run_dir']}")
     for stage in summary["stages"]:
         took = "skipped (up to date)" if stage["skipped"] else f"{stage['seconds']:.1f} s"
