@@ -205,6 +205,9 @@ def test_overlength_policies() -> None:
         list(make_dataset(recs, Bytes(), DataConfig(**base, overlength="error")))
     report = length_report(recs, Bytes(), DataConfig(**base))
     assert (report["rows"], report["truncated"], report["skipped_overlength"], report["max_len"]) == (3, 1, 1, 256)
+    endless = {**base, "num_epochs": None, "overlength": "skip"}
+    with pytest.raises(DataError, match=r"every record is longer than data\.max_len=256"):
+        next(iter(make_dataset(recs[2:], Bytes(), DataConfig(**endless))))  # used to loop forever
 
 
 def test_config_errors_name_the_key() -> None:

@@ -111,9 +111,11 @@ def segment_fields(rows: Sequence[Sequence[tuple[Sequence[int], int]]], length: 
 class BatchIterator(grain.DatasetIterator):
     """Fixed-shape numpy batches from an encoded example stream; state = stream position + counters."""
 
-    def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, preference: bool) -> None:
+    def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, preference: bool,
+                 epoch_len: int | None = None) -> None:
         super().__init__()
         self._stream, self._rows, self._cfg, self._pref = stream, rows, cfg, preference
+        self._epoch_len = epoch_len  # a whole epoch of skipped examples in a row means nothing fits max_len
         self._next = 0
         self._cache: tuple[int, Any] | None = None
         self.counts = {"examples": 0, "truncated": 0, "skipped_overlength": 0}
@@ -126,11 +128,16 @@ class BatchIterator(grain.DatasetIterator):
 
     def _take(self) -> Any:
         """The next non-skipped encoded example (None at the end of a finite stream); advances the position."""
+        skipped = 0
         while self._next < len(self._stream):
             ex = self._peek()
             if ex is None:
                 self.counts["skipped_overlength"] += 1
                 self._next += 1
+                skipped += 1
+                if self._epoch_len and skipped >= self._epoch_len:
+                    raise DataError(f"every record is longer than data.max_len={self._cfg.max_len} tokens "
+                                    "(overlength=skip): no batch can be built")
                 continue
             return ex
         return None
@@ -203,12 +210,14 @@ class BatchIterator(grain.DatasetIterator):
 class BatchDataset(grain.IterDataset):
     """An IterDataset of host numpy batches (see `BatchIterator`)."""
 
-    def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, preference: bool) -> None:
+    def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, preference: bool,
+                 epoch_len: int | None = None) -> None:
         super().__init__()
         self._stream, self._rows, self._cfg, self._pref = stream, rows, cfg, preference
+        self._epoch_len = epoch_len
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator(self._stream, self._rows, self._cfg, self._pref)
+        return BatchIterator(self._stream, self._rows, self._cfg, self._pref, self._epoch_len)
 
 
 def _process_layout(cfg: DataConfig, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
@@ -240,7 +249,7 @@ def make_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig, *, 
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)[index::count].map(encode_fn)
-    return BatchDataset(ds, rows, cfg, preference)
+    return BatchDataset(ds, rows, cfg, preference, epoch_len=-(-len(records) // count))
 
 
 def stream_example(records_len: int, cfg: DataConfig, process_index: int, process_count: int,
