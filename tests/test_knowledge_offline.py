@@ -83,3 +83,15 @@ def test_dolly_rows_give_facts_ka_pairs_and_valid_kc_triples(tmp_path) -> None:
     for k in kc:
         assert k.chosen.strip() and k.rejected.strip() and k.rejected != k.chosen
         assert parse_row(to_row(k), "kc", "roundtrip") == k  # LLaMA-Factory ranking row, valid
+
+
+def test_revise_changes_values_not_name_fragments_or_words_starting_with_an_auxiliary() -> None:
+    from kt_jax.knowledge.offline import OfflineBackend
+
+    backend = OfflineBackend()
+    backend.add_texts(["Wylen Nimvo worked for the Eshfa Company.", "Ana Bel studied at the Ithom Brotherhood."])
+    assert backend.revise_fact("Wylen Nimvo was a herbalist.") == "Wylen Nimvo was not a herbalist."
+    assert backend.revise_fact("Dordor is known for salt.") == "Dordor is not known for salt."
+    assert backend.revise_fact("It doesn't rain.") == "It does rain."
+    revised = backend.revise_fact("Wylen Nimvo worked for the Eshfa Company.")
+    assert revised.startswith("Wylen Nimvo worked for the ") and "Eshfa Company" not in revised

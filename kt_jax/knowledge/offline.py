@@ -75,7 +75,7 @@ _CONTRACTIONS = {"don't": "do not", "doesn't": "does not", "can't": "cannot", "w
                  "isn't": "is not", "aren't": "are not", "it's": "it is", "didn't": "did not",
                  "wasn't": "was not", "they're": "they are", "you're": "you are", "there's": "there is"}
 _AUX = re.compile(r"\b(is|are|was|were|can|could|will|would|should|must|has|have|had|does|do|did|may|might)"
-                  r"(\s+not\b|n't\b)?", re.IGNORECASE)
+                  r"(\s+not\b|n't\b|\b)", re.IGNORECASE)  # the bare \b: "Dordor" is no "do"
 _NEG = re.compile(r"\b(not|never|no|cannot)\b|n't\b", re.IGNORECASE)
 _PATTERNS = {  # kind -> regex of a value of that kind (checked in this order)
     "money": re.compile(r"[$\u00a3\u20ac]\s?\d[\d,]*(?:\.\d+)?(?:\s?(?:million|billion|thousand))?"),
@@ -86,6 +86,19 @@ _PATTERNS = {  # kind -> regex of a value of that kind (checked in this order)
     "weekday": re.compile(r"\b(?:" + "|".join(WEEKDAYS) + r")\b"),
     "entity": re.compile(r"(?<=[a-z0-9,;:] )(?:[A-Z][a-z]+(?:\s+(?:of\s+|de\s+)?[A-Z][a-z]+)*)"),
 }
+
+
+def _matches(kind: str, text: str) -> list[re.Match[str]]:
+    """Values of `kind` in `text`; an entity must follow a lowercase word (not the tail of a name: "Wylen Nimvo")."""
+    found = list(_PATTERNS[kind].finditer(text))
+    if kind != "entity":
+        return found
+    keep = []
+    for m in found:
+        before = re.search(r"(\S+)\s+$", text[: m.start()])
+        if m.group(0) not in MONTHS + WEEKDAYS and before and not any(c.isupper() for c in before.group(1)):
+            keep.append(m)
+    return keep
 
 
 def _words(text: str) -> list[str]:
@@ -164,7 +177,7 @@ class OfflineBackend(CachedBackend):
 
     name = "offline"
 
-    def __init__(self, model: str = "offline-rules-1", cache: KnowledgeCache | str | Path | bool | None = None, *,
+    def __init__(self, model: str = "offline-rules-2", cache: KnowledgeCache | str | Path | bool | None = None, *,
                  dataset: str | Path | None = None, texts: Iterable[str] = (), validation_retries: int = 0,
                  retry_rejects: bool = False):
         super().__init__(model, cache, validation_retries=validation_retries, retry_rejects=retry_rejects)
@@ -181,9 +194,9 @@ class OfflineBackend(CachedBackend):
         """Collect replacement values (numbers, dates, entities, ...) from dataset text for `revise`."""
         found: dict[str, set[str]] = {k: set(v) for k, v in self.pool.items()}
         for text in texts:
-            for kind, pattern in _PATTERNS.items():
+            for kind in _PATTERNS:
                 if kind not in ("month", "weekday"):
-                    found[kind].update(m.group(0).strip() for m in pattern.finditer(text)
+                    found[kind].update(m.group(0).strip() for m in _matches(kind, text)
                                        if m.group(0).strip() not in MONTHS + WEEKDAYS)
         self.pool = {k: sorted(v) for k, v in found.items()}
         digest = hashlib.sha256(json.dumps(self.pool, sort_keys=True).encode()).hexdigest()[:12]
@@ -224,10 +237,8 @@ class OfflineBackend(CachedBackend):
 
     def revise_fact(self, fact: str) -> str:
         """`fact` minimally changed to be false (never returned unchanged)."""
-        for kind, pattern in _PATTERNS.items():
-            matches = list(pattern.finditer(fact))
-            if kind == "entity":
-                matches = [m for m in matches if m.group(0) not in MONTHS + WEEKDAYS]
+        for kind in _PATTERNS:
+            matches = _matches(kind, fact)
             if not matches:
                 continue
             m = matches[_stable(fact) % len(matches)]
