@@ -216,9 +216,6 @@ def test_trainer_checkpoint_saved_by_two_processes_restores(runs: dict[str, Any]
     np.testing.assert_allclose(single["resumed_trained"], single["trained"], rtol=0, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="kt_jax.train.checkpoint saves the Grain iterator state with ocp.args.JsonSave, "
-                   "which only process 0 writes: every process restores process 0's data position, so a resumed "
-                   "multi-host run reads other examples than the uninterrupted one")
 def test_trainer_resume_gives_each_process_its_own_data_position(runs: dict[str, Any]) -> None:
     """Packed rows hold different numbers of examples per process here, so the processes' Grain positions differ."""
     _, multi = results(runs, "sft_resume")
@@ -227,3 +224,19 @@ def test_trainer_resume_gives_each_process_its_own_data_position(runs: dict[str,
     assert list(restored_own) == [1, 1]
     np.testing.assert_allclose(multi["resumed_loss"], multi["losses"][-1:], rtol=1e-6)
     np.testing.assert_allclose(multi["resumed_trained"], multi["trained"], rtol=0, atol=1e-7)
+
+
+def test_trainer_checkpoint_from_two_processes_refuses_one_process_resume(runs: dict[str, Any]) -> None:
+    """The 2-process checkpoint holds both data positions; this 1-process run cannot take either, so it must refuse."""
+    import orbax.checkpoint as ocp
+
+    from kt_jax.errors import CheckpointError
+    from kt_jax.train.checkpoint import PER_PROCESS, select_process_state
+
+    results(runs, "sft_resume")  # (skips when the case was unavailable)
+    with ocp.CheckpointManager((runs["work"] / "train_ckpt_multi" / "latest").resolve(), item_names=("data",)) as mgr:
+        saved = mgr.restore(2, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    assert saved["process_count"] == 2 and len(saved[PER_PROCESS]) == 2
+    assert saved[PER_PROCESS][0] != saved[PER_PROCESS][1]
+    with pytest.raises(CheckpointError, match="saved by 2 processes but this run has 1"):
+        select_process_state(saved, "train_ckpt_multi/latest/2/data")
