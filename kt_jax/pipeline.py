@@ -18,6 +18,7 @@ from typing import Any
 
 from kt_jax.config import save_config, to_dict
 from kt_jax.data.pipeline import DataConfig
+from kt_jax.distributed import is_main_process
 from kt_jax.errors import ConfigError
 from kt_jax.model.lora import LoRAConfig
 from kt_jax.runner import Runner
@@ -312,11 +313,13 @@ class Pipeline:
                 models["no_ka"] = self.tune("no_ka", init=models["sft"], train_file=kc, kind="kc")
         predictions = {name: self.generate(name, models[name]) for name in systems}
         metrics = self.evaluate(predictions)
-        report = self.write_report(metrics)
+        report = self.dir / "report.md"
         summary = {"run_dir": str(self.dir), "report": str(report), "seconds": time.perf_counter() - start,
                    "stages": [{"name": r.name, "skipped": r.skipped, "seconds": round(r.seconds, 1)}
                               for r in self.runner.results], "metrics": metrics}
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if is_main_process():  # stage outputs exist on every worker's disk; the report and summary on process 0
+            self.write_report(metrics)
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 
     def write_report(self, metrics: dict[str, dict[str, float]]) -> Path:
