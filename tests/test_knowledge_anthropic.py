@@ -228,11 +228,14 @@ def test_usage_cost_and_prompt_caching(tmp_path) -> None:
         assert f"${expect:.4f}" in b.summary()
 
 
-def test_rate_limiter_schedules_starts_an_interval_apart() -> None:
-    limiter = RateLimiter(per_minute=600_000)  # 0.1 ms apart
-    limiter.wait()
-    first = limiter._next
-    limiter.wait()
-    limiter.wait()
-    assert limiter._next >= first + 2 * limiter.interval
+def test_rate_limiter_schedules_starts_an_interval_apart(monkeypatch) -> None:
+    import kt_jax.knowledge.anthropic_backend as ab
+
+    slept: list[float] = []
+    monkeypatch.setattr(ab.time, "monotonic", lambda: 100.0)  # a frozen clock: three calls at the same instant
+    monkeypatch.setattr(ab.time, "sleep", slept.append)
+    limiter = RateLimiter(per_minute=120)  # 0.5 s apart
+    for _ in range(3):
+        limiter.wait()
+    assert slept == pytest.approx([0.5, 1.0])  # the 2nd and 3rd start one and two intervals after the 1st
     assert RateLimiter(0).interval == 0.0
