@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kt_jax.eval.metrics import lcs_length
 from kt_jax.knowledge.backend import CachedBackend
 from kt_jax.knowledge.cache import KnowledgeCache
 
@@ -290,16 +291,6 @@ def combine_facts(facts: list[str]) -> str:
     return " ".join(_sentence(f) for f in facts if f.strip())
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
 def judge_by_overlap(reference: str, answer_a: str, answer_b: str, margin: float = 0.02) -> dict[str, str]:
     """Verdicts from content-word recall (completeness), precision (factuality) and in-order overlap (logic)."""
     ref = _content(reference)
@@ -311,7 +302,7 @@ def judge_by_overlap(reference: str, answer_a: str, answer_b: str, margin: float
             return 0.0, 0.0, 0.0
         recall = len(ref_set & set(words)) / len(ref_set)
         precision = sum(w in ref_set for w in words) / len(words)
-        order = _lcs(words[:200], ref[:200]) / max(1, min(len(words), len(ref), 200))
+        order = lcs_length(words[:200], ref[:200]) / max(1, min(len(words), len(ref), 200))
         return recall, precision, order
 
     sa, sb = scores(answer_a), scores(answer_b)
