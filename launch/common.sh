@@ -76,6 +76,14 @@ kt_check_project() {  # FLAG VALUE (optional flag)
   fi
 }
 
+kt_check_target() {  # NAME ZONE PROJECT: the --name/--zone (required) and --project flags of every TPU script
+  kt_require --name "$1"
+  kt_require --zone "$2"
+  kt_check_name --name "$1"
+  kt_check_zone --zone "$2"
+  kt_check_project --project "$3"
+}
+
 kt_check_accelerator() {  # FLAG VALUE: TPU generation and chip/core count
   if [[ ! $2 =~ ^(v2|v3|v4|v5p|v5litepod|v6e)-[0-9]+$ ]]; then
     kt_die "$1 '$2' is not a TPU accelerator type (expected v2-N, v3-N, v4-N, v5p-N, v5litepod-N or v6e-N, e.g. v5litepod-16)"

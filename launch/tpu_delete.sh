@@ -34,11 +34,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-kt_require --name "$name"
-kt_require --zone "$zone"
-kt_check_name --name "$name"
-kt_check_zone --zone "$zone"
-kt_check_project --project "$project"
+kt_check_target "$name" "$zone" "$project"
 kt_gcloud_scope "$zone" "$project"
 
 if [[ $queued == 1 ]]; then

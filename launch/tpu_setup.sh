@@ -45,11 +45,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-kt_require --name "$name"
-kt_require --zone "$zone"
-kt_check_name --name "$name"
-kt_check_zone --zone "$zone"
-kt_check_project --project "$project"
+kt_check_target "$name" "$zone" "$project"
 if [[ ! -d $source_dir/.git && ! -f $source_dir/.git ]]; then
   kt_die "--source '$source_dir' is not a git checkout"
 fi
