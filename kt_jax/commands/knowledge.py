@@ -81,8 +81,10 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_rows(path, rows)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    from kt_jax.data.records import read_rows
+
+    return read_rows(path)
 
 
 def _bar(total: int, desc: str) -> Any:
@@ -136,7 +138,7 @@ def _augment(cfg: KnowledgeConfig, out: Path, backend: Any, rows: list[dict[str,
                                        sort_keys=True).encode()).hexdigest()
     scored_path, meta_path = out / "scored.jsonl", out / "scored.meta.json"
     if scored_path.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("digest") == digest:
-        scored = _read_jsonl(scored_path)  # same facts and scorer: reuse the (expensive) perplexities
+        scored = _read_rows(scored_path)  # same facts and scorer: reuse the (expensive) perplexities
     else:
         scored = score_facts(rows, _scorer(cfg, rows))
         _jsonl(scored_path, scored)
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stage in ("extract", "all") or not facts_path.exists():
         rows = _extract(cfg, out, backend, stats)
     else:
-        rows = _read_jsonl(facts_path)
+        rows = _read_rows(facts_path)
         stats["rows"], stats["facts"] = len(rows), sum(len(r.get("facts", [])) for r in rows)
         if hasattr(backend, "add_texts"):
             backend.add_texts(r["answer"] for r in rows)

@@ -238,6 +238,14 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs)
 
+    def _embed(self, input_ids_BxT: jax.Array, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Token embeddings [B, T, D] in the compute dtype and RoPE cos/sin [B, T, head_dim] for `positions`."""
+        cfg = self.config
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        cos, sin = rotary_cos_sin(positions_BxT, inv_freq)
+        x = jnp.take(self.embed_tokens.get_value(), input_ids_BxT, axis=0).astype(DTYPES[cfg.dtype])
+        return _constrain(self.shard_ctx, x, ("batch", "seq", "act_embed")), cos, sin
+
     def hidden_states(
         self,
         input_ids_BxT: jax.Array,
@@ -255,10 +263,7 @@ class Llama(nnx.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
         mask = attention_mask(segment_ids_BxT, attn_mask_BxTxT, b, t)
-        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-        cos, sin = rotary_cos_sin(positions_BxT, inv_freq)
-        x = jnp.take(self.embed_tokens.get_value(), input_ids_BxT, axis=0).astype(DTYPES[cfg.dtype])
-        x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
+        x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
         for block in self.layers:
             if cfg.remat:
                 x = nnx.remat(lambda blk, *args: blk(*args))(block, x, cos, sin, mask)
@@ -284,17 +289,14 @@ class Llama(nnx.Module):
         Token t attends to every valid slot <= index + t (slots are in time order; padding is marked invalid
         by `valid_BxT`, so rows may be left- or right-padded); `positions_BxT` are the RoPE positions.
         """
-        cfg, ctx = self.config, self.shard_ctx
+        ctx = self.shard_ctx
         t = input_ids_BxT.shape[1]
         index = jnp.asarray(index, jnp.int32)
         valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT.astype(bool), index, axis=1)
         slots_S = jnp.arange(valid_BxS.shape[1], dtype=jnp.int32)
         query_slots_T = index + jnp.arange(t, dtype=jnp.int32)
         mask = valid_BxS[:, None, :] & (slots_S[None, None, :] <= query_slots_T[None, :, None])
-        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-        cos, sin = rotary_cos_sin(positions_BxT, inv_freq)
-        x = jnp.take(self.embed_tokens.get_value(), input_ids_BxT, axis=0).astype(DTYPES[cfg.dtype])
-        x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
+        x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
         new_k, new_v = [], []
         for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
             x, k, v = block.cached(x, cos, sin, k, v, mask, index)
