@@ -213,6 +213,17 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), k, v
 
 
+def _rematerialised(block: Block, *args: jax.Array) -> jax.Array:
+    """`block(*args)` whose activations are recomputed in the backward pass.
+
+    A pure `jax.checkpoint` over the block's split state: `nnx.remat` writes the block's variables back to the
+    caller's module, which fails when that module was built inside another trace (the train step rebuilds the
+    model from its params inside value_and_grad and the gradient-accumulation scan).
+    """
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+
+
 class KVCache(NamedTuple):
     """Per-layer keys/values [B, S, K, D] (RoPE applied) and which slots hold real tokens [B, S]."""
 
@@ -266,7 +277,7 @@ class Llama(nnx.Module):
         x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
         for block in self.layers:
             if cfg.remat:
-                x = nnx.remat(lambda blk, *args: blk(*args))(block, x, cos, sin, mask)
+                x = _rematerialised(block, x, cos, sin, mask)
             else:
                 x = block(x, cos, sin, mask)
             x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
