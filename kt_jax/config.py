@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -91,7 +92,13 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     return obj
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+OVERRIDE_HELP = (
+    "dotted overrides: KEY=VALUE sets a value (a mapping VALUE is merged into the YAML's mapping), KEY:=VALUE "
+    "replaces it whole (e.g. knowledge.backend_options:={} drops the YAML's options); VALUE is parsed as YAML"
+)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, replace: bool = False) -> None:
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -99,18 +106,39 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: {part} is not a section")
         node = child
-    node[parts[-1]] = value
+    old = node.get(parts[-1])
+    node[parts[-1]] = value if replace or not (isinstance(value, dict) and isinstance(old, dict)) else deep_merge(
+        old, value)
+
+
+def split_override(item: str) -> tuple[str, Any, bool]:
+    """'a.b=1' -> ('a.b', 1, False) (merge); 'a.b:={}' -> ('a.b', {}, True) (replace). VALUE is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value (merge) or key.sub:=value (replace)")
+    key, raw = item.split("=", 1)
+    replace = key.endswith(":")
+    key = key.removesuffix(":").strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: VALUE is not valid YAML: {e}") from None
+    return key, value, replace
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """A copy of `data` with each override applied in order (see OVERRIDE_HELP)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, value, replace = split_override(item)
+        _set_dotted(out, key, value, replace=replace)
+    return out
 
 
 def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
-    """Turn ['a.b=1', 'c=[x, y]'] into a nested dict; values are parsed as YAML scalars/lists."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
+    """Turn ['a.b=1', 'c=[x, y]'] into a nested dict (merge semantics; see `apply_overrides`)."""
+    return apply_overrides({}, overrides)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +179,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         data = loaded
     overrides = list(overrides)
     if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
+        data = apply_overrides(data, overrides)
         source += " (+ overrides)"
     return from_dict(cls, data, source)
 

@@ -21,6 +21,7 @@ from kt_jax.data.pipeline import DataConfig
 from kt_jax.distributed import is_main_process
 from kt_jax.errors import ConfigError
 from kt_jax.model.lora import LoRAConfig
+from kt_jax.runlock import RunLock
 from kt_jax.runner import Runner
 from kt_jax.train.config import DPOConfig, OptimConfig, TrainConfig
 from kt_jax.train.session import MeshConfig
@@ -290,6 +291,13 @@ class Pipeline:
 
     # -- all -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Every stage in order (skipping finished ones), holding the run directory's lock throughout."""
+        import jax
+
+        with RunLock(self.dir, jax.process_index()):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         start = time.perf_counter()
         save_config(self.cfg, self.dir / "config.yaml")
         if self.cfg.world is not None:

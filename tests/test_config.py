@@ -48,3 +48,20 @@ def test_errors_name_key_and_file(tmp_path) -> None:
         load_config(Run, tmp_path / "none.yaml")
     with pytest.raises(ConfigError, match="must look like"):
         parse_overrides(["steps"])
+
+
+def test_override_merges_or_replaces_a_mapping(tmp_path) -> None:
+    from kt_jax.pipeline import PipelineConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("train_file: a\ntest_file: b\nbase_model: c\n"
+                 "knowledge:\n  backend: anthropic\n  backend_options: {model: m, api_key_env: K}\n")
+    merged = load_config(PipelineConfig, f, ["knowledge.backend=offline", "knowledge.backend_options={batch: true}"])
+    assert merged.knowledge.backend_options == {"model": "m", "api_key_env": "K", "batch": True}
+    replaced = load_config(PipelineConfig, f, ["knowledge.backend=offline", "knowledge.backend_options:={}"])
+    assert replaced.knowledge.backend == "offline" and replaced.knowledge.backend_options == {}
+    swapped = load_config(PipelineConfig, f, ["knowledge.backend_options:={model: other}"])
+    assert swapped.knowledge.backend_options == {"model": "other"}
+    assert load_config(Run, None, ["optim:={lr: 2}"]).optim == Optim(lr=2.0)  # a whole section replaced
+    with pytest.raises(ConfigError, match="no key"):
+        load_config(Run, None, [":=3"])

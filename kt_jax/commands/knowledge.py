@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kt_jax.config import load_config, save_config, to_dict
+from kt_jax.config import OVERRIDE_HELP, load_config, save_config, to_dict
 from kt_jax.errors import ConfigError, DataError
 
 STAGES = ("extract", "augment", "compare", "all")
@@ -72,7 +72,7 @@ class KnowledgeConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage", choices=STAGES, help="extract facts, build KA, build KC, or all three")
     parser.add_argument("--config", default=None, help="YAML file with KnowledgeConfig keys")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (e.g. alpha=0.3)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"{OVERRIDE_HELP}; e.g. alpha=0.3")
 
 
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from kt_jax.config import OVERRIDE_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pipeline YAML (e.g. configs/world-tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. run_dir=runs/x world.seed=1 sft.train.num_epochs=2")
+                        help=f"{OVERRIDE_HELP}; e.g. run_dir=runs/x world.seed=1 sft.train.num_epochs=2")
 
 
 def run(args: argparse.Namespace) -> int:

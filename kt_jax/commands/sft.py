@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from kt_jax.config import load_config
+from kt_jax.config import OVERRIDE_HELP, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run config (kt_jax.train.session.RunConfig)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.learning_rate=1e-4")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"{OVERRIDE_HELP}; e.g. optim.learning_rate=1e-4")
 
 
 def print_summary(summary: dict) -> None:
