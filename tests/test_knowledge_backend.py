@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from kt_jax.errors import BackendError, ConfigError
-from kt_jax.knowledge import KnowledgeBackend, make_backend, map_outcomes, prompts
+from kt_jax.knowledge import BACKENDS, KnowledgeBackend, backend_options, make_backend, map_outcomes, prompts
 from kt_jax.knowledge.backend import CachedBackend, CallFailed, FatalBackendError, Rejected, call_many
 from kt_jax.knowledge.cache import KnowledgeCache, cache_key
 
@@ -142,9 +142,27 @@ def test_make_backend(tmp_path) -> None:
     assert isinstance(b, KnowledgeBackend) and b.validation_retries == 1
     assert make_backend("offline", cache="none").cache is None
     assert make_backend("anthropic", cache="none", api_key="k", base_url="http://127.0.0.1:9").cache is None
-    with pytest.raises(ConfigError, match="choose 'offline' or 'anthropic'"):
+    with pytest.raises(ConfigError, match="choose from 'anthropic', 'offline'"):
         make_backend("gpt")
-    with pytest.raises(ConfigError, match="bad option"):
-        make_backend("offline", temperature=0.5)
+    with pytest.raises(ConfigError, match="bad option value"):
+        make_backend("offline", validation_retries="many")
     with pytest.raises(BackendError, match="unknown knowledge operation"):
         b.call("summarise", {})
+
+
+def test_backend_option_error_names_every_backends_options() -> None:
+    # a config switched to offline while backend_options still hold the Anthropic settings
+    with pytest.raises(ConfigError) as err:
+        make_backend("offline", api_key_env="ANTHROPIC_API_KEY", model="claude-sonnet-4-6", cache="none")
+    msg = str(err.value)
+    assert msg.startswith("knowledge backend 'offline' does not take option(s) ['api_key_env', 'model']; "
+                          "offline takes [")
+    for kind in BACKENDS:
+        assert f"{kind} takes {backend_options(kind)}" in msg
+    assert msg.index("offline takes") < msg.index("anthropic takes")
+    assert "'api_key_env'" in msg.split("anthropic takes")[1] and "'dataset'" in msg.split("anthropic takes")[0]
+    with pytest.raises(ConfigError, match=r"'anthropic' does not take option\(s\) \['dataset'\]; anthropic takes"):
+        make_backend("anthropic", dataset="x.json", api_key="k")
+    assert {"cache", "validation_retries", "retry_rejects"} <= set(backend_options("offline")) & set(
+        backend_options("anthropic"))
+    assert "model" not in backend_options("offline")  # its rules version is not a setting

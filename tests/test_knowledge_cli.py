@@ -63,8 +63,7 @@ def test_file_scorer_uses_kt_jax_score_output(data, tmp_path, capsys) -> None:
     assert cli.main(["knowledge", "extract", f"data={data}", f"out={out}"]) == 0
     facts = _read(out / "facts.jsonl")
     # a `kt-jax score` output: the last fact of every answer is the hardest; None = no tokens
-    scored = [{"id": r["id"], "question": r["question"], "facts": r["facts"],
-               "ppl": [None] + [float(i) for i in range(1, len(r["facts"]))]} for r in facts]
+    scored = [{**r, "ppl": [None] + [float(i) for i in range(1, len(r["facts"]))]} for r in facts]
     (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
     argv = ["knowledge", "augment", f"data={data}", f"out={out}", "scorer=file", f"scores={tmp_path / 'scored.jsonl'}"]
     assert cli.main(argv) == 0
@@ -77,6 +76,11 @@ def test_file_scorer_uses_kt_jax_score_output(data, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert cli.main([*argv[:4], "scorer=file"]) == 2
     assert "scorer=file needs" in capsys.readouterr().err
+    # a row scored without its input (context) is not the question the model scorer would score: refused
+    del scored[2]["input"]
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+    assert cli.main(argv) == 2
+    assert "no scored row for question 'Summarise the text.\\nRome" in capsys.readouterr().err
 
 
 def test_errors_name_the_key_or_file(tmp_path, capsys) -> None:
@@ -90,13 +94,23 @@ def test_errors_name_the_key_or_file(tmp_path, capsys) -> None:
     assert "backend: 'gpt'" in capsys.readouterr().err
 
 
+def test_switching_backend_names_each_backends_options(data, tmp_path, capsys) -> None:
+    argv = ["knowledge", "extract", f"data={data}", f"out={tmp_path / 'run'}", "backend=offline",
+            "backend_options.api_key_env=ANTHROPIC_API_KEY", "backend_options.model=claude-sonnet-4-6"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "knowledge backend 'offline' does not take option(s) ['api_key_env', 'model']; offline takes [" in err
+    assert "anthropic takes [" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_model_scorer_end_to_end(data, tmp_path, capsys) -> None:
+    from helpers.hf_fixtures import LLAMA2_TINY, make_hf_llama
+
     from kt_jax.data.templates import alpaca_prompt
     from kt_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
     from kt_jax.model.hf import load_pretrained
     from kt_jax.scoring import fact_perplexities
-    from kt_jax.testing import LLAMA2_TINY, make_hf_llama
 
     model_dir = make_hf_llama(tmp_path / "m", seed=5, **{**LLAMA2_TINY, "vocab_size": 320})
     train_bpe_tokenizer([r["instruction"] + " " + r["output"] for r in ROWS] * 20 + [alpaca_prompt("x")] * 5, 320,

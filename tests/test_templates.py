@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kt_jax.data.templates import alpaca_prompt, encode_pair
+from kt_jax.data.templates import alpaca_prompt, encode_pair, prompt_text, question_text
 from kt_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer, train_sentencepiece_tokenizer
 from kt_jax.errors import ConfigError
 from tests.test_tokenizer import corpus_lines
@@ -33,6 +33,20 @@ def test_alpaca_prompt_bytes_llamafactory_07() -> None:
         "\n\n### Instruction:\nWhat is X?\n\n### Response:\n")
     with pytest.raises(ConfigError, match="'alpaca'"):
         alpaca_prompt("q", style="alpaca")
+
+
+def test_one_question_text_under_every_prompt() -> None:
+    assert question_text("Summarise.") == question_text("Summarise.", "") == "Summarise."
+    assert question_text("Summarise.", "Some text.") == "Summarise.\nSome text."
+    assert question_text("Summarise.", " ") == "Summarise.\n "  # LLaMA-Factory: any non-empty input is joined
+    for instruction, inp in [*QUESTIONS, ("Q?", " ")]:
+        query = question_text(instruction, inp)
+        assert alpaca_prompt(instruction, inp) == alpaca_prompt(query)  # joined before or inside: the same bytes
+        assert prompt_text(instruction, inp) == alpaca_prompt(instruction, inp)
+        assert prompt_text(query, template="raw") == prompt_text(instruction, inp, template="raw") == query
+        assert prompt_text(query, style="llamafactory-0.7") == alpaca_prompt(instruction, inp, "llamafactory-0.7")
+    with pytest.raises(ConfigError, match="template='chatml'"):
+        prompt_text("q", template="chatml")
 
 
 @pytest.fixture(scope="module")

@@ -84,13 +84,8 @@ def _written_rows(path: Path, inputs: list[dict[str, Any]]) -> int:
     return len(good)
 
 
-def question_of(row: dict[str, Any]) -> str:
-    """The question text a row is scored under: `question`, plus `input` on its own line when non-empty."""
-    context = row.get("input", "")
-    return row["question"] + "\n" + context if context else row["question"]
-
-
 def run(args: argparse.Namespace) -> int:
+    from kt_jax.data.templates import question_text
     from kt_jax.data.tokenizer import load_tokenizer
     from kt_jax.model.hf import load_pretrained
     from kt_jax.scoring import score_facts
@@ -123,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     with open(out_path, "a", encoding="utf-8") as fh:
         for c in range(0, len(todo), args.chunk):
             part = todo[c : c + args.chunk]
-            scores = score_facts(model, tok, [(question_of(r), r["facts"]) for r in part], template=args.template,
+            items = [(question_text(r["question"], r.get("input", "")), r["facts"]) for r in part]
+            scores = score_facts(model, tok, items, template=args.template,
                                  style=args.style, max_len=args.max_len, mesh=mesh, packing=args.packing,
                                  batch_size=args.batch_size, pack_len=args.pack_len, progress=True)
             for row, row_scores in zip(part, scores, strict=True):

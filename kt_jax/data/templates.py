@@ -3,8 +3,12 @@
 Style "llamafactory-0.5.3" (default) reproduces the text bytes of LLaMA-Factory 0.5.3's `alpaca` template
 (`src/llmtuner/data/template.py`): the default system string is joined to the user slot with no separator, so the
 prompt reads "...completes the request.### Instruction:\\n{query}\\n\\n### Response:\\n". LLaMA-Factory 0.7.x added
-"\\n\\n" after the system string: style "llamafactory-0.7". The query is the instruction, plus "\\n" + input when
-the input is non-empty (LLaMA-Factory's aligner).
+"\\n\\n" after the system string: style "llamafactory-0.7".
+
+`question_text(instruction, input)` is the ONE place the question text is built: the instruction, plus "\\n" + input
+when the input is non-empty (LLaMA-Factory's aligner joins the non-empty parts with "\\n"; a whitespace-only input
+is non-empty there too). The training prompt, the scoring prompt (`prompt_text`) and the question the knowledge
+backends see are all built from it.
 
 Differences from LLaMA-Factory 0.5.3's token ids, on purpose: (1) 0.5.3 put no BOS on alpaca prompts (its alpaca
 template has no bos slot and it encodes with add_special_tokens=False); `encode_pair` adds BOS once when the
@@ -29,13 +33,27 @@ ALPACA_STYLES: dict[str, tuple[str, str]] = {
 }
 
 
+def question_text(instruction: str, input: str = "") -> str:
+    """The question text: the instruction, plus the input on its own line when the input is non-empty."""
+    return instruction + "\n" + input if input else instruction
+
+
 def alpaca_prompt(instruction: str, input: str = "", style: str = "llamafactory-0.5.3") -> str:
     """The alpaca prompt text for one question (the response follows it directly)."""
     if style not in ALPACA_STYLES:
         raise ConfigError(f"template style {style!r} is unknown (choose from {sorted(ALPACA_STYLES)})")
     system, user = ALPACA_STYLES[style]
-    query = instruction + "\n" + input if input else instruction
-    return system + user.replace("{query}", query)
+    return system + user.replace("{query}", question_text(instruction, input))
+
+
+def prompt_text(instruction: str, input: str = "", *, template: str = "alpaca",
+                style: str = "llamafactory-0.5.3") -> str:
+    """The prompt a question is scored under: the alpaca prompt, or the bare question text (`template="raw"`)."""
+    if template == "alpaca":
+        return alpaca_prompt(instruction, input, style)
+    if template == "raw":
+        return question_text(instruction, input)
+    raise ConfigError(f"template={template!r}; choose 'alpaca' or 'raw'")
 
 
 @dataclass(frozen=True)

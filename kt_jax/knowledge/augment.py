@@ -18,21 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from kt_jax.data.records import KARecord, QARecord
+from kt_jax.data.templates import question_text
 from kt_jax.errors import DataError
 from kt_jax.knowledge.backend import call_many
 
 Scorer = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
 
 
-def question_text(rec: QARecord) -> str:
-    """The question an LLM or the scorer sees: the instruction, plus the input on its own line when present."""
-    return f"{rec.question}\n{rec.input}" if rec.input.strip() else rec.question
-
-
 def extract_facts(backend: Any, records: Sequence[QARecord], *, workers: int = 4,
                   progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """One row per record: {id, question, input, answer, facts} (+ `error`, with no facts, when rejected)."""
-    datas = [{"question": question_text(r), "answer": r.answer} for r in records]
+    datas = [{"question": question_text(r.question, r.input), "answer": r.answer} for r in records]
     outcomes = call_many(backend, "extract", datas, workers=workers, progress=progress)
     rows = []
     for i, (rec, out) in enumerate(zip(records, outcomes, strict=True)):
@@ -59,7 +55,7 @@ def select_difficult(facts: Sequence[str], perplexities: Sequence[float | None],
 def score_facts(rows: Sequence[dict[str, Any]], scorer: Scorer) -> list[dict[str, Any]]:
     """Rows with `perplexities` added (rows without facts are passed through unchanged)."""
     todo = [r for r in rows if r.get("facts")]
-    items = [(question_text(QARecord(r["question"], r["answer"], r["input"])), r["facts"]) for r in todo]
+    items = [(question_text(r["question"], r["input"]), r["facts"]) for r in todo]
     ppls = scorer(items) if items else []
     if len(ppls) != len(items):
         raise DataError(f"scorer returned {len(ppls)} results for {len(items)} answers")
@@ -79,7 +75,7 @@ def build_ka(backend: Any, scored_rows: Sequence[dict[str, Any]], *, alpha: floa
     """(KA records, rejects): originals + one rewritten fine-grained pair per scored row."""
     todo = [r for r in scored_rows if r.get("facts") and "perplexities" in r]
     difficult = [select_difficult(r["facts"], r["perplexities"], alpha) for r in todo]
-    datas = [{"question": question_text(QARecord(r["question"], r["answer"], r["input"])), "facts": d}
+    datas = [{"question": question_text(r["question"], r["input"]), "facts": d}
              for r, d in zip(todo, difficult, strict=True)]
     outcomes = call_many(backend, "rewrite", datas, workers=workers, progress=progress)
     rewritten = {r["id"]: o for r, o in zip(todo, outcomes, strict=True)}
@@ -105,20 +101,21 @@ def file_scorer(path: str | Path) -> Scorer:
     """Perplexities read from a `kt-jax score` output (rows with `question`, `facts`, `ppl`), matched by content."""
     from kt_jax.data.records import read_rows
 
-    table: dict[tuple[str, ...], list[tuple[str, list[float | None]]]] = {}  # facts -> [(question, ppl)]
+    table: dict[tuple[str, tuple[str, ...]], list[float | None]] = {}  # (question text, facts) -> ppl
     for i, row in enumerate(read_rows(path)):
         if not isinstance(row, dict) or not isinstance(row.get("ppl"), list):
             raise DataError(f"{path}: row {i}: field 'ppl': expected a list of perplexities")
-        table.setdefault(tuple(row.get("facts", [])), []).append((str(row.get("question")), row["ppl"]))
+        # a `kt-jax score` row is a facts.jsonl row (instruction in `question`, context in `input`) plus `ppl`
+        key = (question_text(str(row.get("question")), str(row.get("input") or "")), tuple(row.get("facts", [])))
+        table.setdefault(key, row["ppl"])
 
     def score(items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
         out = []
         for question, facts in items:
-            # `kt-jax score` rows carry the instruction only; ours may append the input after a newline
-            hits = [ppl for q, ppl in table.get(tuple(facts), []) if q == question or question.startswith(f"{q}\n")]
-            if not hits:
+            ppl = table.get((question, tuple(facts)))
+            if ppl is None:
                 raise DataError(f"{path}: no scored row for question {question[:60]!r} with these facts")
-            out.append([math.nan if p is None else float(p) for p in hits[0]])
+            out.append([math.nan if p is None else float(p) for p in ppl])
         return out
 
     return score

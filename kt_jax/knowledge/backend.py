@@ -1,6 +1,7 @@
 """The knowledge backend interface, the cached/validated call path every backend shares, and map helpers.
 
-`make_backend("offline" | "anthropic", **options)` builds a backend. Every operation goes through
+Backends (`offline.py`, `anthropic_backend.py`) subclass `CachedBackend`; `registry.make_backend(kind, **options)`
+builds one by name, so dependencies run one way: registry -> backends -> this module. Every operation goes through
 `CachedBackend.call`: cache lookup -> `_compute` (the backend's raw tool answer) -> schema validation (a malformed
 answer is retried up to `validation_retries` times, then rejected with the reason) -> cache write -> result.
 A rejection raises `Rejected` (a `BackendError`) and is cached too, so re-runs make no call for it.
@@ -20,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from kt_jax.errors import BackendError, ConfigError
+from kt_jax.errors import BackendError
 from kt_jax.knowledge import prompts
 from kt_jax.knowledge.cache import KnowledgeCache, cache_key
 
 
 @runtime_checkable
 class KnowledgeBackend(Protocol):
-    """The operations KnowTuning needs from an LLM (see INTERFACES.md)."""
+    """The operations KnowTuning needs from an LLM; the prompts and output schemas are in `knowledge/prompts.py`."""
 
     def extract(self, question: str, answer: str) -> list[str]: ...
     def rewrite(self, question: str, facts: list[str]) -> tuple[str, str]: ...
@@ -228,46 +229,3 @@ def call_many(backend: Any, op: str, datas: Sequence[dict[str, Any]], *, workers
         prefetch(op, datas)
     return map_outcomes(lambda d: backend.call(op, d), datas, workers=workers, progress=progress)
 
-
-def _coerce_option(value: Any) -> Any:
-    """CLI options arrive as strings: turn 'true'/'false'/numbers into Python values."""
-    if not isinstance(value, str):
-        return value
-    low = value.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    for conv in (int, float):
-        try:
-            return conv(value)
-        except ValueError:
-            pass
-    return value
-
-
-def make_backend(kind: str = "offline", **options: Any) -> CachedBackend:
-    """An "offline" (deterministic, no network) or "anthropic" backend; options go to its constructor.
-
-    Common options: `cache` (sqlite path; "none" disables; offline default: none, Anthropic default:
-    `$KT_JAX_CACHE` or `~/.cache/kt-jax/knowledge.sqlite3`), `validation_retries`, `retry_rejects`. The offline
-    backend also takes `dataset` (alpaca file whose text supplies replacement values for `revise`); the Anthropic
-    backend takes `model`, `base_url`, `api_key_env`, `workers`, `requests_per_minute`, `batch`, prices, ...
-    """
-    opts = {k.replace("-", "_"): _coerce_option(v) for k, v in options.items()}
-    if "cache" in opts and opts["cache"] in ("none", "", None, False):
-        opts["cache"] = False  # explicitly disabled (None would mean: the backend's default location)
-    if kind == "offline":
-        from kt_jax.knowledge.offline import OfflineBackend
-
-        cls: Any = OfflineBackend
-    elif kind == "anthropic":
-        from kt_jax.knowledge.anthropic_backend import AnthropicBackend
-
-        cls = AnthropicBackend
-    else:
-        raise ConfigError(f"knowledge backend {kind!r}: choose 'offline' or 'anthropic'")
-    try:
-        return cls(**opts)
-    except TypeError as e:
-        raise ConfigError(f"knowledge backend {kind!r}: bad option ({e})") from None

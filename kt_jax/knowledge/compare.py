@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kt_jax.data.records import KCRecord, QARecord
+from kt_jax.data.records import KCRecord
+from kt_jax.data.templates import question_text
 from kt_jax.errors import DataError
-from kt_jax.knowledge.augment import question_text
 from kt_jax.knowledge.backend import Outcome, call_many
 from kt_jax.knowledge.offline import combine_facts
 
@@ -78,7 +78,7 @@ def build_kc(backend: Any, fact_rows: Sequence[dict[str, Any]], *, beta: float =
     rejects = [{"id": r["id"], "stage": "extract", "question": r["question"], "reason": r.get("error", "no facts")}
                for r in fact_rows if not r.get("facts")]
     stats: Counter = Counter()
-    q_of = {r["id"]: question_text(QARecord(r["question"], r["answer"], r["input"])) for r in rows}
+    q_of = {r["id"]: question_text(r["question"], r["input"]) for r in rows}
     chosen = call_many(backend, "rephrase", [{"question": q_of[r["id"]], "answer": r["answer"]} for r in rows],
                        workers=workers, progress=progress)
     revised = call_many(backend, "revise", [{"question": q_of[r["id"]], "facts": r["facts"]} for r in rows],

@@ -177,11 +177,12 @@ class OfflineBackend(CachedBackend):
     """Deterministic rule-based backend (see the module docstring: a low-fidelity stand-in)."""
 
     name = "offline"
+    rules_version = "offline-rules-2"  # the cache's model identity: bump it when a rule changes an answer
 
-    def __init__(self, model: str = "offline-rules-2", cache: KnowledgeCache | str | Path | bool | None = None, *,
-                 dataset: str | Path | None = None, texts: Iterable[str] = (), validation_retries: int = 0,
-                 retry_rejects: bool = False):
-        super().__init__(model, cache, validation_retries=validation_retries, retry_rejects=retry_rejects)
+    def __init__(self, cache: KnowledgeCache | str | Path | bool | None = None, *, dataset: str | Path | None = None,
+                 texts: Iterable[str] = (), validation_retries: int = 0, retry_rejects: bool = False):
+        super().__init__(self.rules_version, cache, validation_retries=validation_retries,
+                         retry_rejects=retry_rejects)
         self.pool: dict[str, list[str]] = {k: [] for k in _PATTERNS}
         self.pool["month"], self.pool["weekday"] = list(MONTHS), list(WEEKDAYS)
         texts = list(texts)
