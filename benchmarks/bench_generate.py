@@ -57,10 +57,10 @@ def main() -> None:
     import jax
     import torch
     import transformers
+    from common import make_hf_llama  # benchmarks/ is on sys.path: this script's folder
 
     from kt_jax.generate import SamplingConfig, generate_ids
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.testing import make_hf_llama
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_gen_"))

@@ -140,12 +140,11 @@ def main() -> int:
     from kt_jax.data.templates import alpaca_prompt, encode_pair
     from kt_jax.data.tokenizer import train_bpe_tokenizer
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.testing import make_hf_llama
 
     print(f"machine at start: {common.machine_load()}; jax devices: {jax.devices()}")
     items, texts, source = load_items(n)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_hf_llama(Path(tmp) / "llama60m", seed=0, scale=0.02, **common.BENCH_LLAMA_60M)
+        model_dir = common.make_hf_llama(Path(tmp) / "llama60m", seed=0, scale=0.02, **common.BENCH_LLAMA_60M)
         tok = train_bpe_tokenizer(texts, 32000, model_dir)
         encoded = [encode_pair(tok, alpaca_prompt(q), f, args.max_len, add_eos=False) for q, facts in items
                    for f in facts]

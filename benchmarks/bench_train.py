@@ -180,7 +180,7 @@ def main() -> int:
     args = p.parse_args()
     import tempfile
 
-    from kt_jax.testing import make_hf_llama
+    from common import make_hf_llama  # benchmarks/ is on sys.path: this script's folder
 
     load0 = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))

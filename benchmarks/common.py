@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: measured float32 matmul peak (jax and torch), Llama FLOP counts, machine load.
+"""Shared benchmark helpers: measured float32 matmul peak (jax and torch), Llama FLOP counts, machine load, and
+random HF Llama checkpoints (the tests' builder, `tests/helpers/hf_fixtures.py`, loaded by path).
 
 Import from a benchmark with `sys.path.insert(0, str(Path(__file__).resolve().parent))` then `import common`
 (or `from benchmarks import common` when run from the repository root with `python -m`).
@@ -6,10 +7,12 @@ Import from a benchmark with `sys.path.insert(0, str(Path(__file__).resolve().pa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # ~58M parameters: Llama-2 vocabulary, 8 layers of width 512 (the size the issues ask benchmarks to use)
@@ -18,6 +21,18 @@ BENCH_LLAMA_60M: dict[str, Any] = dict(
     num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
     max_position_embeddings=2048,
 )
+
+_HF_FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "helpers" / "hf_fixtures.py"
+
+
+def make_hf_llama(path: str | Path, **kwargs: Any) -> Path:
+    """Save a random HF Llama (float32, torch) to `path` with the tests' builder; returns the path."""
+    spec = importlib.util.spec_from_file_location("kt_jax_bench_hf_fixtures", _HF_FIXTURES)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{_HF_FIXTURES}: the test helpers are not in this checkout")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_hf_llama(path, **kwargs)
 
 
 def best_seconds(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float:

@@ -10,16 +10,14 @@ calls `initialize_from_env()` before any other JAX work. Where the settings come
 
 Nothing set: a single-process run, nothing is initialised. The rule for outputs: every process computes (they all
 join the collectives), only process 0 (`is_main_process()`) writes reports, run-directory files and summaries;
-`setup_logging()` keeps the other processes' logs to warnings, `sync()` is the barrier to put between process 0
-writing a file and the others reading it, and `broadcast_from_main()` hands process 0's decision (skip a finished
-stage, resume at row N) to all processes, so they never diverge into different collectives.
+`setup_logging()` keeps the other processes' logs to warnings, and `sync()` is the barrier to put between process 0
+writing a file and the others reading it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import re
@@ -146,21 +144,6 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def broadcast_from_main(obj: Any) -> Any:
-    """Process 0's value of a JSON-serialisable `obj`, on every process (e.g. a resume position or a skip decision,
-    so that processes whose disks differ still take the same branch and meet in the same collectives)."""
-    if jax.process_count() == 1:
-        return obj
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
-    size = int(np.asarray(multihost_utils.broadcast_one_to_all(np.array([data.size], np.int32)))[0])
-    buf = np.zeros(size, np.uint8)
-    buf[: data.size] = data
-    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes().decode())
 
 
 def setup_logging(level: int = logging.INFO) -> None:

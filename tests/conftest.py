@@ -17,8 +17,9 @@ import pytest
 with contextlib.suppress(Exception):
     jax.config.update("jax_num_cpu_devices", 8)
 
+from helpers.hf_fixtures import LLAMA2_TINY, LLAMA3_TINY, make_hf_llama
+
 from kt_jax.sharding import make_mesh
-from kt_jax.testing import LLAMA2_TINY, LLAMA3_TINY, make_hf_llama
 
 MESH_SHAPES = {"1": (1, 1, 1), "2x4": (2, 1, 4), "8x1": (1, 8, 1)}
 

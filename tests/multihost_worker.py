@@ -35,7 +35,7 @@ class Unavailable(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    hf_dir: Path  # tiny HF Llama checkpoint (kt_jax.testing.make_hf_llama)
+    hf_dir: Path  # tiny HF Llama checkpoint (helpers.hf_fixtures.make_hf_llama)
     work_dir: Path  # this run's scratch directory (checkpoints), shared by its processes
     tag: str  # "multi" or "single": keeps the two runs' files apart
 
@@ -176,8 +176,9 @@ def _grain_batches() -> dict[str, np.ndarray]:
 def case_process_zero_rule(ctx: Context) -> dict[str, np.ndarray]:
     """main_process_only writers run once; broadcast_from_main gives every process process 0's value."""
     import jax
+    from helpers.multihost import broadcast_from_main
 
-    from kt_jax.distributed import broadcast_from_main, main_process_only, sync
+    from kt_jax.distributed import main_process_only, sync
 
     marker_dir = ctx.work_dir / f"writers_{ctx.tag}"
     marker_dir.mkdir(parents=True, exist_ok=True)

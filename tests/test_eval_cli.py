@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.hf_fixtures import LLAMA2_TINY, make_hf_llama
 
 from kt_jax import cli
 from kt_jax.data.templates import alpaca_prompt
 from kt_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from kt_jax.generate import SamplingConfig, generate
 from kt_jax.model.hf import load_pretrained
-from kt_jax.testing import LLAMA2_TINY, make_hf_llama
 
 QA = [
     {"instruction": "What organ makes insulin?", "input": "", "output": "The pancreas makes insulin."},

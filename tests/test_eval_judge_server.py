@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.fake_anthropic import FakeAnthropicServer
 
 from kt_jax import cli
 from kt_jax.eval.facts import evaluate_facts, fact_summary
 from kt_jax.eval.judge import ASPECTS, PairItem, judge_pairs, position_consistency, win_tie_lose
 from kt_jax.knowledge import make_backend, prompts
-from kt_jax.knowledge.fake_server import FakeAnthropicServer
 
 KEY = "sk-ant-test-secret-123"
 REF = "The pancreas makes insulin. Insulin lowers blood sugar. Diabetes follows when insulin is lacking."

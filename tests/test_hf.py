@@ -9,11 +9,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.hf_fixtures import hf_logits
 from safetensors.numpy import load_file, save_file
 
 from kt_jax.errors import CheckpointError
 from kt_jax.model.hf import load_pretrained, save_pretrained
-from kt_jax.testing import hf_logits
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.fake_anthropic import FAULTS, FakeAnthropicServer
 
 from kt_jax import cli
 from kt_jax.knowledge import call_many, make_backend, prompts
 from kt_jax.knowledge.anthropic_backend import RateLimiter
 from kt_jax.knowledge.backend import FatalBackendError
-from kt_jax.knowledge.fake_server import FAULTS, FakeAnthropicServer
 from kt_jax.knowledge.offline import split_facts
 
 KEY = "sk-ant-api03-kt-TEST-SECRET-9f3a1c"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers.hf_fixtures import LLAMA2_TINY, hf_logits, make_hf_llama
 
 from kt_jax.model.hf import load_pretrained
 from kt_jax.model.llama import Llama, LlamaConfig
 from kt_jax.sharding import ShardingRules, shard_batch, variable_axes
-from kt_jax.testing import LLAMA2_TINY, hf_logits, make_hf_llama
 
 
 def _ids(batch: int, length: int, vocab: int = 256, seed: int = 0) -> np.ndarray:

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.hf_fixtures import hf_logits
 
 from kt_jax.model.hf import load_pretrained
 from kt_jax.ops.logprobs import masked_sum, model_token_logprobs, prefix_batch, segment_sum, token_logprobs
-from kt_jax.testing import hf_logits
 
 
 def _inputs(b: int = 3, t: int = 37, d: int = 16, v: int = 50, seed: int = 0):

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.hf_fixtures import hf_logits
 
 from kt_jax.errors import ConfigError
 from kt_jax.model.hf import load_pretrained, save_pretrained
 from kt_jax.model.lora import LoRAConfig, LoRALinear, apply_lora, has_lora, lora_disabled, merge_lora, trainable_filter
-from kt_jax.testing import hf_logits
 
 
 def _randomise_adapters(model, seed: int = 3) -> None:

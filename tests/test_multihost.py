@@ -115,7 +115,7 @@ def test_writers_run_on_process_zero_and_decisions_are_broadcast(runs: dict[str,
 
 @pytest.mark.parametrize("mesh", sorted(mw.MESHES))
 def test_forward_logits_match_one_process(runs: dict[str, Any], llama2_dir: Path, mesh: str) -> None:
-    from kt_jax.testing import hf_logits
+    from helpers.hf_fixtures import hf_logits
 
     single, multi = results(runs, "forward")
     logits = multi[f"logits_{mesh}"]

@@ -163,8 +163,9 @@ FACT_ROWS = [
 
 @pytest.fixture(scope="module")
 def bpe_model_dir(tmp_path_factory):
+    from helpers.hf_fixtures import LLAMA2_TINY, make_hf_llama
+
     from kt_jax.data.tokenizer import train_bpe_tokenizer
-    from kt_jax.testing import LLAMA2_TINY, make_hf_llama
 
     path = make_hf_llama(tmp_path_factory.mktemp("bpe"), seed=5, **{**LLAMA2_TINY, "vocab_size": 320})
     texts = [r["question"] + " " + " ".join(r["facts"]) for r in FACT_ROWS] * 20 + [alpaca_prompt("x")] * 5

@@ -14,11 +14,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
+from helpers.hf_fixtures import make_hf_llama
 
 from kt_jax.cli import main
 from kt_jax.data.records import KCRecord, QARecord, write_records
 from kt_jax.data.tokenizer import train_bpe_tokenizer
-from kt_jax.testing import make_hf_llama
 
 pytestmark = pytest.mark.timeout(600)
 WORDS = ["red", "blue", "green", "river", "castle", "queen", "king", "water", "stone", "fire", "north", "south",

@@ -12,7 +12,13 @@ A naive-model hook makes the prompt-injection test meaningful: text in the user 
 close the data block, its instructions would leak out and change the answer.
 
 Usage: `with FakeAnthropicServer(api_key="k", fault_rate=0.3) as server: make_backend("anthropic",
-base_url=server.url, ...)`. Helper D may reuse it for judge tests (op "judge" is answered too).
+base_url=server.url, ...)`. The judge tests use it too (op "judge" is answered).
+
+Why it lives in tests/helpers and not in the package: it is test scaffolding. Its "model" is the offline rules, it
+reaches into the offline backend's private `_compute`, and its value is fault injection and call bookkeeping that
+only tests assert on. A user checking their own `base_url` set-up (a proxy, a gateway) needs the real endpoint, and
+a user who wants answers without a network has `backend=offline`; neither is served by shipping an HTTP server in
+the library (it was imported by nothing but tests).
 """
 
 from __future__ import annotations

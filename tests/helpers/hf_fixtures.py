@@ -1,4 +1,6 @@
-"""Tiny random HF Llama checkpoints built locally with transformers (torch CPU), for tests and benchmarks."""
+"""Tiny random HF Llama checkpoints built locally with transformers (torch CPU), for tests and benchmarks.
+
+Test scaffolding, not library code: it needs torch. Benchmarks load it by path (`benchmarks/common.py`)."""
 
 from __future__ import annotations
 
