@@ -47,12 +47,14 @@ def load_records(rows: int) -> tuple[list, str]:
     return [QARecord(text(70) + "?", text(380)) for _ in range(rows)], f"synthetic ({rows} rows, Dolly-like lengths)"
 
 
-def time_pipeline(make, max_batches: int | None = None) -> tuple[float, int, int]:
-    """(seconds, examples, batches) for one pass of a fresh iterator."""
+def time_pipeline(make, max_batches: int | None = None, put=None) -> tuple[float, int, int]:
+    """(seconds, examples, batches) for one pass of a fresh iterator (each batch passed to `put` if given)."""
     it = iter(make())
     t0 = time.perf_counter()
     batches = 0
-    for _ in it:
+    for batch in it:
+        if put is not None:
+            put(batch)
         batches += 1
         if max_batches is not None and batches >= max_batches:
             break
@@ -119,10 +121,10 @@ def main() -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from kt_jax.data.pipeline import DataConfig, device_iterator, length_report, make_dataset
+    from kt_jax.data.pipeline import DataConfig, length_report, make_dataset
     from kt_jax.data.templates import alpaca_prompt
     from kt_jax.data.tokenizer import train_bpe_tokenizer
-    from kt_jax.sharding import make_mesh
+    from kt_jax.sharding import make_mesh, to_device
 
     recs, source = load_records(args.rows)
     tmp = tempfile.mkdtemp()
@@ -143,7 +145,7 @@ def main() -> int:
     s, n, nb = time_pipeline(lambda: make_dataset(recs, tok, DataConfig(**{**cfg.__dict__, "pack": False})))
     add("pipeline: SFT padded, bucketed (host numpy)", n, s, f"{nb} batches")
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    s, n, nb = time_pipeline(lambda: device_iterator(make_dataset(recs, tok, cfg), mesh))
+    s, n, nb = time_pipeline(lambda: make_dataset(recs, tok, cfg), put=lambda b: to_device(b, mesh))
     add("pipeline: SFT packed + global jax.Array", n, s, "1 CPU device")
 
     from transformers import PreTrainedTokenizerFast
@@ -156,7 +158,7 @@ def main() -> int:
         hf.encode(r.answer, add_special_tokens=False)
     add("peer: transformers fast tokenizer, encode only", len(recs), time.perf_counter() - t0, "no masks/packing")
 
-    first = next(iter(make_dataset(recs, tok, DataConfig(**{**cfg.__dict__, "batch_size": 1}))))
+    first = next(iter(make_dataset(recs, tok, DataConfig(**{**cfg.__dict__, "batch_size": 1})))).as_dict()
     step_s, n_params, flops = time_train_step(tok.vocab_size, args.max_len, first, args.steps)
     add(f"train step: {n_params / 1e6:.0f}M Llama fwd+bwd, 1 packed row", per_row, step_s,
         f"{step_s:.2f} s/step, {per_row:.2f} examples/row")

@@ -80,6 +80,7 @@ def jax_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
     import jax
     import jax.numpy as jnp
 
+    from kt_jax.data.batch import PreferenceBatch, SeqBatch
     from kt_jax.model.hf import load_pretrained
     from kt_jax.model.lora import LoRAConfig, apply_lora
     from kt_jax.train.config import DPOConfig, OptimConfig
@@ -97,7 +98,10 @@ def jax_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
     step = make_train_step(ts, tx, loss_fn)
     rng = np.random.default_rng(0)
     batch = pref_batch(args, rng) if mode == "dpo" else sft_rows(args, args.batch, rng)
-    micro = to_device(stack_micro([batch]), None)
+    side = lambda p: SeqBatch(**{k[len(p):]: v for k, v in batch.items() if k.startswith(p)})
+    typed = (PreferenceBatch(side("chosen_"), side("rejected_"), batch["ref_chosen_logps"], batch["ref_rejected_logps"])
+             if mode == "dpo" else SeqBatch(**batch))
+    micro = to_device(stack_micro([typed]), None)
     times = []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()

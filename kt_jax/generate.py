@@ -14,12 +14,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from kt_jax.data.packing import bucket_length
 from kt_jax.errors import ConfigError
-from kt_jax.sharding import batch_axis_size, shard_batch
+from kt_jax.sharding import batch_axis_size, to_device, to_host
 
 log = logging.getLogger(__name__)
 
-MIN_BUCKET = 16
+MIN_BUCKET = 16  # prompts pad to a power of two >= 16 tokens (capped at max_prompt_len): `packing.bucket_length`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,20 +147,6 @@ def _generate_jit(
     return tokens_BxN, done_B
 
 
-def prompt_bucket(length: int, max_len: int | None = None) -> int:
-    """The padded prompt length for a prompt of `length` tokens: the next power of two >= 16 (capped)."""
-    bucket = max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
-    return min(bucket, max_len) if max_len else bucket
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def generate_ids(
     model: nnx.Module,
     prompts: Sequence[Sequence[int]],
@@ -200,7 +187,7 @@ def generate_ids(
         starts = tqdm(starts, desc="generate", unit="batch")
     for start in starts:
         rows = order[start : start + batch_size]
-        p = prompt_bucket(max(len(prompts[i]) for i in rows), max_prompt_len)
+        p = bucket_length(max(len(prompts[i]) for i in rows), max_prompt_len, smallest=MIN_BUCKET)
         ids = np.full((batch_size, p), pad_id, np.int32)
         valid = np.zeros((batch_size, p), bool)
         for j, i in enumerate(rows):
@@ -208,13 +195,11 @@ def generate_ids(
             sl = slice(p - k, p) if padding_side == "left" else slice(0, k)
             ids[j, sl], valid[j, sl] = prompts[i], True
         row_ids = np.array(rows + [len(prompts) + j for j in range(batch_size - len(rows))], np.int32)
-        arrays = (ids, valid, row_ids)
-        if mesh is not None:
-            arrays = shard_batch(arrays, mesh)
+        arrays = to_device((ids, valid, row_ids), mesh, process_local=False)
         tokens, _ = _generate_jit(graphdef, state, *arrays, jnp.int32(seed), sampling=sampling,
                                   eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                                   prefill_chunk=max(1, int(prefill_chunk)))
-        tokens = _host(tokens)
+        tokens = to_host(tokens)  # waits for the call: one batch in flight at a time
         for j, i in enumerate(rows):
             out = tokens[j].tolist()
             cut = next((t + 1 for t, tok in enumerate(out) if tok in eos_ids), len(out))

@@ -11,9 +11,10 @@ shared prompts or padding); per-fact sums are taken in float64 on the host. Layo
 - ``packing="packed"``: each pair is its own segment (prompt + response), many segments per row.
 - ``packing="padded"``: one pair per row (the plain baseline).
 
-Rows are packed first-fit-decreasing into at most `pack_len` tokens and padded to the next length of a small fixed
-set (powers of two from 32, and `max_len`), `batch_size` rows per call (rounded up to a multiple of the mesh's batch
-ways), so the jitted step compiles once per bucket. Rows are sharded over the mesh's batch axes.
+Rows are packed first-fit-decreasing (`data.packing`) into at most `pack_len` tokens and padded to the next bucket
+(powers of two from 32, and `max_len`: `packing.bucket_length`), `batch_size` rows per call (rounded up to a
+multiple of the mesh's batch ways), so the jitted step compiles once per bucket. Rows are sharded over the mesh's
+batch axes; at most one call is in flight while the next is prepared (`sharding.Throttle`).
 
 Edge cases (documented behaviour):
 - a question with no facts gives `[]`; nothing is run for it.
@@ -38,10 +39,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from kt_jax.data.packing import Bins, Group, Packed, Segment, bucket_length, pack_arrays
 from kt_jax.data.templates import alpaca_prompt, encode_pair
 from kt_jax.errors import ConfigError
 from kt_jax.ops.logprobs import DEFAULT_CHUNK, token_logprobs
-from kt_jax.sharding import batch_axis_size, shard_batch
+from kt_jax.sharding import Throttle, batch_axis_size, to_device, to_host
 
 PACKINGS = ("shared", "packed", "padded")
 MIN_BUCKET = 32
@@ -62,33 +64,34 @@ class PairScore:
 
 
 @dataclasses.dataclass
-class _Sibling:
-    key: int  # index of the pair
-    tokens: list[int]
-    n_scored: int  # the last n_scored next-token targets of `tokens` are response tokens
-
-
-@dataclasses.dataclass
 class _Group:
+    """Pairs sharing one prompt prefix: the prefix, each pair's segment, and the pairs' indices."""
+
     prefix: list[int]
-    siblings: list[_Sibling]
+    segments: list[Segment]
+    keys: list[int]
 
     @property
     def length(self) -> int:
-        return len(self.prefix) + sum(len(s.tokens) for s in self.siblings)
+        return len(self.prefix) + sum(len(s.tokens) for s in self.segments)
 
 
-def buckets(max_len: int) -> list[int]:
-    """The fixed row lengths: powers of two from 32 below `max_len`, then `max_len`."""
-    out, b = [], MIN_BUCKET
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    return [*out, max_len]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScoreBatch:
+    """Device inputs of one scoring call: rows [B, T] plus the scored positions compacted to [B, K]."""
+
+    input_ids: Any
+    positions: Any
+    segment_ids: Any  # 1.. per scored segment, 0 on shared prefixes and padding
+    group_ids: Any  # attention stays inside a group (a prefix and its segments); 0 = padding
+    gather_idx: Any  # [B, K] positions of the scored targets
+    gather_targets: Any  # [B, K]
+    gather_valid: Any  # [B, K] bool
 
 
 def _groups(pairs: Sequence[tuple[list[int], list[int]]], packing: str, cap: int, max_siblings: int) -> list[_Group]:
-    """Split each pair into (shared prefix, sibling); group siblings with equal prompts (up to `cap` tokens)."""
+    """Split each pair into (shared prefix, segment); group segments with equal prompts (up to `cap` tokens)."""
     groups: list[_Group] = []
     by_prompt: dict[Hashable, _Group] = {}
     for key, (prompt, response) in enumerate(pairs):
@@ -97,70 +100,37 @@ def _groups(pairs: Sequence[tuple[list[int], list[int]]], packing: str, cap: int
         if n_scored <= 0:
             continue
         split = max(len(prompt) - 1, 0) if packing == "shared" else 0
-        sib = _Sibling(key, full[split:], n_scored)
+        seg = Segment(full[split:], n_scored)
         group = by_prompt.get(tuple(prompt)) if packing == "shared" else None
-        if group is None or group.length + len(sib.tokens) > cap or len(group.siblings) >= max_siblings:
-            group = _Group(full[:split], [])
+        if group is None or group.length + len(seg.tokens) > cap or len(group.segments) >= max_siblings:
+            group = _Group(full[:split], [], [])
             groups.append(group)
             if packing == "shared":
                 by_prompt[tuple(prompt)] = group
-        group.siblings.append(sib)
+        group.segments.append(seg)
+        group.keys.append(key)
     return groups
 
 
 def _pack(groups: list[_Group], packing: str, pack_len: int, max_segments: int) -> list[list[_Group]]:
     """First-fit-decreasing bins of groups (one group per row when padded)."""
-    order = sorted(groups, key=lambda g: (-g.length, g.siblings[0].key))
+    order = sorted(groups, key=lambda g: (-g.length, g.keys[0]))
     if packing == "padded":
         return [[g] for g in order]
-    rows: list[list[_Group]] = []
-    used: list[tuple[int, int]] = []  # (tokens, scored segments) per row
+    bins = Bins(pack_len, max_weight=max_segments)
     for g in order:
-        n = len(g.siblings)
-        for i, (tokens, segs) in enumerate(used):
-            if tokens + g.length <= pack_len and segs + n <= max_segments:
-                rows[i].append(g)
-                used[i] = (tokens + g.length, segs + n)
-                break
-        else:
-            rows.append([g])
-            used.append((g.length, n))
-    return rows
+        bins.add(g, g.length, weight=len(g.segments))
+    return bins.bins
 
 
-def _row_arrays(row: list[_Group], length: int) -> dict[str, np.ndarray]:
-    """Host arrays [T] for one row: ids, positions, targets, score mask/ids, and attention structure ids."""
-    a = {k: np.zeros(length, np.int32) for k in ("input_ids", "positions", "targets", "group", "seg", "prefix",
-                                                  "score_ids")}
-    a["loss_mask"] = np.zeros(length, np.float32)
-    t, seg, score = 0, 0, 0
-    for gi, g in enumerate(row, start=1):
-        p = len(g.prefix)
-        if p:
-            seg += 1
-            sl = slice(t, t + p)
-            a["input_ids"][sl], a["positions"][sl], a["group"][sl], a["seg"][sl] = g.prefix, np.arange(p), gi, seg
-            a["prefix"][sl] = 1
-            t += p
-        for s in g.siblings:
-            m = len(s.tokens)
-            seg, score = seg + 1, score + 1
-            sl = slice(t, t + m)
-            a["input_ids"][sl], a["positions"][sl], a["group"][sl], a["seg"][sl] = s.tokens, p + np.arange(m), gi, seg
-            a["targets"][t : t + m - 1] = s.tokens[1:]
-            a["loss_mask"][t + m - 1 - s.n_scored : t + m - 1] = 1.0
-            a["score_ids"][sl] = score
-            t += m
-    return a
-
-
-def _gather(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _gather(packed: Packed) -> ScoreBatch:
     """Device inputs for one call: the row arrays plus the scored positions compacted to the front of [B, K].
 
     K is the smallest multiple of T/4 holding every row's scored positions, so the LM head runs on scored
     positions only (not on shared prompts or padding) with at most 4 shapes per bucket.
     """
-    mask_BxT = host["loss_mask"] > 0
+    rows = packed.batch
+    mask_BxT = rows.loss_mask > 0
     b, t = mask_BxT.shape
     step = max(t // 4, 1)
     k = min(t, -(-max(int(mask_BxT.sum(1).max()), 1) // step) * step)
@@ -169,41 +139,29 @@ def _gather(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for r in range(b):
         pos = np.flatnonzero(mask_BxT[r])
         idx_BxK[r, : len(pos)], valid_BxK[r, : len(pos)] = pos, True
-    out = {name: host[name] for name in ("input_ids", "positions", "group", "seg", "prefix")}
-    out["gather_idx"] = idx_BxK
-    out["gather_targets"] = np.take_along_axis(host["targets"], idx_BxK, axis=1)
-    out["gather_valid"] = valid_BxK
-    return out
+    return ScoreBatch(rows.input_ids, rows.positions, rows.segment_ids, packed.group_ids, idx_BxK,
+                      np.take_along_axis(rows.targets, idx_BxK, axis=1), valid_BxK)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _score_rows(graphdef: Any, state: Any, batch: dict[str, jax.Array], *, chunk_size: int) -> jax.Array:
+def _score_rows(graphdef: Any, state: Any, batch: ScoreBatch, *, chunk_size: int) -> jax.Array:
     """Target log-probs [B, K] at the gathered scored positions (0 where invalid), prefix-sharing block mask."""
     model = nnx.merge(graphdef, state)
-    group, seg, prefix = batch["group"], batch["seg"], batch["prefix"].astype(bool)
+    group, seg = batch.group_ids, batch.segment_ids
     same_group = group[:, :, None] == group[:, None, :]
-    allowed_BxTxT = same_group & ((seg[:, :, None] == seg[:, None, :]) | prefix[:, None, :])
-    hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["positions"], None, allowed_BxTxT)
-    hidden_BxKxD = jnp.take_along_axis(hidden_BxTxD, batch["gather_idx"][:, :, None], axis=1)
-    logp_BxK = token_logprobs(hidden_BxKxD, model.lm_head_kernel(), batch["gather_targets"], chunk_size=chunk_size)
-    return jnp.where(batch["gather_valid"], logp_BxK, 0.0)
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    allowed_BxTxT = same_group & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, None, allowed_BxTxT)
+    hidden_BxKxD = jnp.take_along_axis(hidden_BxTxD, batch.gather_idx[:, :, None], axis=1)
+    logp_BxK = token_logprobs(hidden_BxKxD, model.lm_head_kernel(), batch.gather_targets, chunk_size=chunk_size)
+    return jnp.where(batch.gather_valid, logp_BxK, 0.0)
 
 
 def _batches(rows: list[list[_Group]], max_len: int, batch_size: int) -> Iterator[tuple[int, list[list[_Group]]]]:
     """(bucket length, up to batch_size rows) in bucket order; rows keep their packing order inside a bucket."""
-    lengths = buckets(max_len)
     by_bucket: dict[int, list[list[_Group]]] = {}
     for row in rows:
         used = sum(g.length for g in row)
-        by_bucket.setdefault(next(b for b in lengths if b >= used), []).append(row)
+        by_bucket.setdefault(bucket_length(used, max_len, smallest=MIN_BUCKET), []).append(row)
     for length in sorted(by_bucket):
         chunk = by_bucket[length]
         for i in range(0, len(chunk), batch_size):
@@ -213,8 +171,7 @@ def _batches(rows: list[list[_Group]], max_len: int, batch_size: int) -> Iterato
 @dataclasses.dataclass
 class _Call:
     rows: list[list[_Group]]
-    host: dict[str, np.ndarray]  # row arrays [B, T]
-    inputs: dict[str, np.ndarray]  # device inputs (row arrays + gathered [B, K])
+    inputs: ScoreBatch  # host arrays: rows [B, T] + gathered [B, K]
 
 
 def plan(
@@ -241,10 +198,9 @@ def plan(
     batch_size = -(-batch_size // ways) * ways
     calls = []
     for length, chunk in _batches(rows, max_len, batch_size):
-        arrays = [_row_arrays(row, length) for row in chunk]
-        arrays += [_row_arrays([], length)] * (batch_size - len(chunk))
-        host = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
-        calls.append(_Call(chunk, host, _gather(host)))
+        laid_out = [[Group(g.prefix, g.segments) for g in row] for row in chunk]
+        packed = pack_arrays(laid_out + [[]] * (batch_size - len(chunk)), length)
+        calls.append(_Call(chunk, _gather(packed)))
     return calls
 
 
@@ -273,34 +229,30 @@ def score_encoded(
     if progress:
         from tqdm import tqdm
 
-        total = sum(len(s.tokens) for c in calls for row in c.rows for g in row for s in g.siblings)
+        total = sum(len(s.tokens) for c in calls for row in c.rows for g in row for s in g.segments)
         bar = tqdm(total=total, desc="score", unit="tok")
 
     def collect(logp_BxK: jax.Array, call: _Call) -> None:
         # float64 sums on the host: float32 accumulation order would depend on the row layout
-        logp_BxK = _host(logp_BxK).astype(np.float64)
-        idx, valid = call.inputs["gather_idx"], call.inputs["gather_valid"]
-        score_ids_BxK = np.take_along_axis(call.host["score_ids"], idx, axis=1) * valid
+        logp_BxK = to_host(logp_BxK).astype(np.float64)
+        inputs = call.inputs
+        seg_BxK = np.take_along_axis(inputs.segment_ids, inputs.gather_idx, axis=1) * inputs.gather_valid
         for r, row in enumerate(call.rows):
-            siblings = [s for g in row for s in g.siblings]
-            seg_sum = np.bincount(score_ids_BxK[r], weights=logp_BxK[r], minlength=len(siblings) + 1)
-            seg_count = np.bincount(score_ids_BxK[r], minlength=len(siblings) + 1)
-            for j, s in enumerate(siblings, start=1):
-                if int(seg_count[j]) != s.n_scored:
-                    raise RuntimeError(f"pair {s.key}: scored {seg_count[j]} tokens, expected {s.n_scored}")
-                sums[s.key], counts[s.key] = float(seg_sum[j]), s.n_scored
+            segments = [(key, s) for g in row for key, s in zip(g.keys, g.segments, strict=True)]
+            seg_sum = np.bincount(seg_BxK[r], weights=logp_BxK[r], minlength=len(segments) + 1)
+            seg_count = np.bincount(seg_BxK[r], minlength=len(segments) + 1)
+            for j, (key, s) in enumerate(segments, start=1):
+                if int(seg_count[j]) != s.n_loss:
+                    raise RuntimeError(f"pair {key}: scored {seg_count[j]} tokens, expected {s.n_loss}")
+                sums[key], counts[key] = float(seg_sum[j]), s.n_loss
             if bar is not None:
-                bar.update(sum(len(s.tokens) for s in siblings))
+                bar.update(sum(len(s.tokens) for _, s in segments))
 
-    pending: tuple[jax.Array, _Call] | None = None
+    in_flight = Throttle(2, lambda item: collect(*item))  # one call runs while the next is prepared
     for call in calls:
-        batch = shard_batch(call.inputs, mesh) if mesh is not None else jax.tree.map(jnp.asarray, call.inputs)
-        out = _score_rows(graphdef, state, batch, chunk_size=chunk_size)
-        if pending is not None:  # one call in flight while the next is prepared; never more (CPU mesh hang)
-            collect(*pending)
-        pending = (out, call)
-    if pending is not None:
-        collect(*pending)
+        batch = to_device(call.inputs, mesh, process_local=False)
+        in_flight.push((_score_rows(graphdef, state, batch, chunk_size=chunk_size), call))
+    in_flight.drain()
     if bar is not None:
         bar.close()
     return [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
@@ -310,13 +262,12 @@ def warmup(model: nnx.Module, calls: Sequence[_Call], *, mesh: Mesh | None = Non
            chunk_size: int = DEFAULT_CHUNK) -> int:
     """Compile every distinct call shape in `calls` (from `plan`) on dummy inputs; returns how many."""
     graphdef, state = nnx.split(model)
-    seen = {}
+    seen: dict[tuple[tuple[int, ...], ...], ScoreBatch] = {}
     for call in calls:
-        seen.setdefault(tuple((k, v.shape) for k, v in sorted(call.inputs.items())), call.inputs)
+        seen.setdefault(tuple(np.shape(x) for x in jax.tree.leaves(call.inputs)), call.inputs)
     for inputs in seen.values():
-        dummy = {k: np.zeros_like(v) for k, v in inputs.items()}
-        batch = shard_batch(dummy, mesh) if mesh is not None else jax.tree.map(jnp.asarray, dummy)
-        _host(_score_rows(graphdef, state, batch, chunk_size=chunk_size))
+        dummy = jax.tree.map(np.zeros_like, inputs)
+        to_host(_score_rows(graphdef, state, to_device(dummy, mesh, process_local=False), chunk_size=chunk_size))
     return len(seen)
 
 

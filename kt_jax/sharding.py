@@ -1,11 +1,12 @@
-"""Device mesh over axes (data, fsdp, tensor) and the ONE table mapping logical axis names to mesh axes."""
+"""Device mesh (data, fsdp, tensor), the ONE logical-axis rules table, host<->device transfer, dispatch throttle."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kt_jax.errors import ShardingError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
@@ -79,6 +81,9 @@ class ShardingRules:
         return PartitionSpec(*parts)
 
 
+RULES = ShardingRules()  # the one table (no config sets another yet; the model's ShardContext can carry one)
+
+
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
         return ()
@@ -133,7 +138,7 @@ def logical_sharding(
     what: str = "tensor",
 ) -> NamedSharding:
     """NamedSharding for a tensor of `shape` whose dimensions carry `logical_axes`."""
-    rules = rules or ShardingRules()
+    rules = rules or RULES
     if len(logical_axes) != len(shape):
         raise ShardingError(f"{what}: {len(logical_axes)} logical axes {tuple(logical_axes)} for shape {tuple(shape)}")
     return NamedSharding(mesh, _fit_spec(rules.spec(logical_axes), shape, mesh, what))
@@ -149,12 +154,12 @@ def variable_axes(var: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
     """A pytree matching `state` whose leaves are the NamedShardings the rules give each variable."""
 
     def one(path: tuple[Any, ...], var: nnx.Variable) -> NamedSharding:
         name = "/".join(str(p) for p in path)
-        return logical_sharding(variable_axes(var), var.get_value().shape, mesh, rules, what=name)
+        return logical_sharding(variable_axes(var), var.get_value().shape, mesh, what=name)
 
     return _map_state(one, state)
 
@@ -164,39 +169,97 @@ def _map_state(fn: Any, state: nnx.State) -> Any:
     return nnx.from_flat_state({path: fn(path, var) for path, var in flat.items()})
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules | None = None) -> nnx.Module:
-    """Place every parameter of `model` (in place) onto the mesh as the rules say; returns the model."""
-    state = nnx.state(model)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        name = "/".join(str(p) for p in path)
-        sharding = logical_sharding(variable_axes(var), var.get_value().shape, mesh, rules, what=name)
-        var.set_value(jax.device_put(var.get_value(), sharding))
-    nnx.update(model, state)
-    return model
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Sharding for an array whose axis `batch_dim` is the batch: split over the 'batch' rule's axes."""
+    parts: list[MeshAxes] = [None] * ndim
+    parts[batch_dim] = RULES.mesh_axes("batch")
+    return NamedSharding(mesh, PartitionSpec(*parts))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: ShardingRules | None = None) -> NamedSharding:
-    """Sharding for a [B, ...] batch: batch over the rules' 'batch' axes, other dims replicated."""
-    rules = rules or ShardingRules()
-    return NamedSharding(mesh, PartitionSpec(rules.mesh_axes("batch"), *([None] * (ndim - 1))))
-
-
-def shard_batch(batch: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
-    """Put a pytree of host arrays (global batch, identical on every process) onto the mesh, batch-sharded."""
-
-    def put(x: Any) -> jax.Array:
-        x = np.asarray(x)
-        sharding = batch_sharding(mesh, x.ndim, rules)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    return jax.tree.map(put, batch)
-
-
-def batch_axis_size(mesh: Mesh, rules: ShardingRules | None = None) -> int:
+def batch_axis_size(mesh: Mesh) -> int:
     """How many ways the batch dimension is split on this mesh (global batch sizes must be multiples)."""
-    rules = rules or ShardingRules()
-    return int(np.prod([mesh.shape[a] for a in _as_tuple(rules.mesh_axes("batch"))]))
+    return int(np.prod([mesh.shape[a] for a in _as_tuple(RULES.mesh_axes("batch"))]))
+
+
+def process_max(value: int) -> int:
+    """The largest `value` over all processes (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
+def to_device(tree: T, mesh: Mesh | None, *, batch_dim: int = 0, process_local: bool = True) -> T:
+    """A pytree of host arrays as jax.Arrays whose axis `batch_dim` is split over the mesh's batch axes.
+
+    `process_local`: each process holds its own rows and the global batch is their concatenation; sequence axes
+    (`batch_dim + 1` of arrays that have one) are zero-padded to the longest over all processes, so every process
+    builds the same global shape. Otherwise every process holds the same whole batch. Without a mesh the arrays
+    go to the default device.
+    """
+    if mesh is None:
+        return jax.tree.map(jax.device_put, tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [np.asarray(x) for x in leaves]
+    copies = jax.process_count() if process_local else 1
+    ways = batch_axis_size(mesh)
+    for x in leaves:
+        if (x.shape[batch_dim] * copies) % ways:
+            raise ShardingError(f"a batch of {x.shape[batch_dim] * copies} rows does not split over the mesh's "
+                                f"{ways} batch ways; use a multiple of {ways}")
+    seq_dim = batch_dim + 1
+    if process_local and copies > 1:
+        length = process_max(max((x.shape[seq_dim] for x in leaves if x.ndim > seq_dim), default=0))
+        leaves = [_pad_axis(x, seq_dim, length) if x.ndim > seq_dim else x for x in leaves]
+    out = []
+    for x in leaves:
+        shape = (*x.shape[:batch_dim], x.shape[batch_dim] * copies, *x.shape[batch_dim + 1:])
+        out.append(jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, batch_dim), x, shape))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _pad_axis(x: np.ndarray, axis: int, length: int) -> np.ndarray:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return np.pad(x, widths)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) jax.Array as one numpy array on every process."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+class Throttle:
+    """Bounds the jitted calls dispatched but not yet fetched: `push` hands the oldest to `fetch` at `limit`.
+
+    jax 0.10.2 deadlocks on CPU meshes when more than ~32 calls with collectives are queued without a wait
+    (docs/NOTES-ENV); every loop that dispatches jitted steps goes through one of these.
+    """
+
+    def __init__(self, limit: int, fetch: Callable[[Any], None]) -> None:
+        if limit < 1:
+            raise ShardingError(f"in-flight limit {limit}; must be >= 1")
+        self.limit, self._fetch = limit, fetch
+        self._pending: deque[Any] = deque()
+
+    def push(self, item: Any) -> None:
+        """Record a dispatched call's outputs; fetch the oldest once `limit` are pending."""
+        self._pending.append(item)
+        if len(self._pending) >= self.limit:
+            self._fetch(self._pending.popleft())
+
+    def drain(self) -> None:
+        """Fetch every pending call, oldest first."""
+        while self._pending:
+            self._fetch(self._pending.popleft())
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
 
 def add_mesh_arguments(parser: Any) -> None:

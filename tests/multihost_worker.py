@@ -78,13 +78,13 @@ def case_forward(ctx: Context) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.sharding import shard_batch
+    from kt_jax.sharding import to_device
 
     out = {}
     for name in MESHES:
         mesh = mesh_named(name)
         model = load_pretrained(ctx.hf_dir, mesh=mesh)
-        ids = shard_batch(input_ids(), mesh)
+        ids = to_device(input_ids(), mesh, process_local=False)
         logits = nnx.jit(lambda m, x: m(x))(model, ids)
         out[f"logits_{name}"] = to_host(logits)
     return out
@@ -161,14 +161,15 @@ def case_batch_slices(ctx: Context) -> dict[str, np.ndarray]:
 
 def _grain_batches() -> dict[str, np.ndarray]:
     """Global SFT batches from the Grain pipeline (each process reads its own slice), as sorted rows per step."""
-    from kt_jax.data.pipeline import DataConfig, device_iterator, make_dataset
+    from kt_jax.data.pipeline import DataConfig, make_dataset
     from kt_jax.data.records import QARecord
+    from kt_jax.sharding import to_device
 
     recs = [QARecord(f"Q{i}?", f"A{i}." + "y" * (7 * i % 40)) for i in range(32)]
     cfg = DataConfig(max_len=256, batch_size=8, pack=False, seed=3, num_epochs=1, buckets=(64, 128, 256))
     steps = []
-    for batch in device_iterator(make_dataset(recs, Bytes(), cfg), mesh_named("2x4")):
-        ids = to_host(batch["input_ids"])
+    for batch in make_dataset(recs, Bytes(), cfg):
+        ids = to_host(to_device(batch, mesh_named("2x4")).input_ids)
         steps.append(ids[np.lexsort(ids.T[::-1])])  # rows in a canonical order: the set, not who holds which
     return {"grain_steps": np.stack(steps)}
 
@@ -221,9 +222,10 @@ def case_lm_steps(ctx: Context) -> dict[str, np.ndarray]:
     import optax
     from flax import nnx
 
-    from kt_jax.data.pipeline import DataConfig, device_iterator, make_dataset
+    from kt_jax.data.pipeline import DataConfig, make_dataset
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.ops.logprobs import model_token_logprobs
+    from kt_jax.sharding import to_device
+    from kt_jax.train.steps import batch_logprobs
 
     mesh = mesh_named("2x4")
     model = load_pretrained(ctx.hf_dir, mesh=mesh)
@@ -233,8 +235,8 @@ def case_lm_steps(ctx: Context) -> dict[str, np.ndarray]:
     layout = jax.tree.map(lambda x: x.sharding, state)
 
     def loss_fn(m: Any, batch: dict[str, Any]) -> Any:
-        mask = batch["loss_mask"]
-        return -jnp.sum(model_token_logprobs(m, batch, chunk_size=256) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        mask = batch.loss_mask
+        return -jnp.sum(batch_logprobs(m, batch, chunk_size=256) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     @functools.partial(jax.jit, out_shardings=(layout, None))  # state keeps its layout: one compilation
     def step(state: Any, batch: dict[str, Any]) -> Any:
@@ -244,7 +246,7 @@ def case_lm_steps(ctx: Context) -> dict[str, np.ndarray]:
         return nnx.state((model, opt)), loss
 
     cfg = DataConfig(max_len=256, batch_size=8, seed=5, buckets=(256,))
-    batches = device_iterator(make_dataset(sft_records(), Bytes(), cfg), mesh)
+    batches = (to_device(b, mesh) for b in make_dataset(sft_records(), Bytes(), cfg))
     losses = []
     for _ in range(3):
         state, loss = step(state, next(batches))
@@ -298,7 +300,10 @@ def _trainer_steps(ctx: Context, preference: bool, resume: bool = False) -> dict
     ts = create_state(model, tx, mesh)
     loss_fn = make_dpo_loss(DPOConfig()) if preference else make_sft_loss()
     step = make_train_step(ts, tx, loss_fn)
-    data = iter(make_dataset(recs, Bytes(), cfg, preference=preference))
+    from kt_jax.data.batch import Task
+
+    task = Task.DPO if preference else Task.SFT
+    data = iter(make_dataset(recs, Bytes(), cfg, task=task))
     import jax
 
     flat = lambda params: np.concatenate([to_host(x).ravel() for x in jax.tree_util.tree_leaves(params)])
@@ -327,7 +332,7 @@ def _trainer_steps(ctx: Context, preference: bool, resume: bool = False) -> dict
         data_state, meta = ckpt.restore(ts)
         ckpt.close()
         out["params_restored"] = flat(ts.params)
-        data = iter(make_dataset(recs, Bytes(), cfg, preference=preference))
+        data = iter(make_dataset(recs, Bytes(), cfg, task=task))
         data.set_state(data_state)
         losses.clear()
         one_step()

@@ -10,8 +10,9 @@ import torch
 import transformers
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from kt_jax.data.packing import bucket_length
 from kt_jax.errors import ConfigError
-from kt_jax.generate import SamplingConfig, filter_logits, generate, generate_ids, next_tokens, prompt_bucket
+from kt_jax.generate import MIN_BUCKET, SamplingConfig, filter_logits, generate, generate_ids, next_tokens
 from kt_jax.model.hf import load_pretrained
 
 LENGTHS = (5, 13, 18, 2)  # 18 > 16: the batch spans two prompt buckets when split
@@ -177,7 +178,8 @@ def test_greedy_when_temperature_zero_and_presets() -> None:
         SamplingConfig(top_p=0.0)
     with pytest.raises(ConfigError, match="preset"):
         SamplingConfig.preset("beam")
-    assert [prompt_bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+    assert [bucket_length(n, smallest=MIN_BUCKET) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+    assert [bucket_length(n, 48, smallest=MIN_BUCKET) for n in (1, 17, 40, 48)] == [16, 32, 48, 48]  # capped
 
 
 class _ByteTokenizer:

@@ -12,7 +12,7 @@ from helpers.hf_fixtures import LLAMA2_TINY, hf_logits, make_hf_llama
 
 from kt_jax.model.hf import load_pretrained
 from kt_jax.model.llama import Llama, LlamaConfig
-from kt_jax.sharding import ShardingRules, shard_batch, variable_axes
+from kt_jax.sharding import ShardingRules, to_device, variable_axes
 
 
 def _ids(batch: int, length: int, vocab: int = 256, seed: int = 0) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_same_logits_on_every_mesh_and_rules_shardings(llama3_dir, mesh) -> None
         assert tuple(got.spec) + (None,) * (var.get_value().ndim - len(got.spec)) == tuple(expected) + (None,) * (
             var.get_value().ndim - len(expected)
         ), path
-    batch = shard_batch(ids, mesh)
+    batch = to_device(ids, mesh, process_local=False)
     out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, batch)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 

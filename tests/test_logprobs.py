@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from helpers.hf_fixtures import hf_logits
 
+from kt_jax.data.batch import SeqBatch
 from kt_jax.model.hf import load_pretrained
-from kt_jax.ops.logprobs import masked_sum, model_token_logprobs, prefix_batch, segment_sum, token_logprobs
+from kt_jax.ops.logprobs import masked_sum, token_logprobs
+from kt_jax.train.steps import batch_logprobs
 
 
 def _inputs(b: int = 3, t: int = 37, d: int = 16, v: int = 50, seed: int = 0):
@@ -76,6 +78,17 @@ def test_bfloat16_hidden_gives_float32_logprobs() -> None:
     assert np.abs(np.asarray(got) - ref).max() < 0.1 * np.abs(ref).max()
 
 
+def segment_sum(
+    logp_BxT: jax.Array, mask_BxT: jax.Array, segment_ids_BxT: jax.Array, num_segments: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-segment (sum of masked logp, masked token count) [B, S], in jax (column j = segment id j + 1)."""
+    mask = mask_BxT.astype(jnp.float32)
+    onehot_BxTxS = segment_ids_BxT[..., None] == jnp.arange(1, num_segments + 1, dtype=segment_ids_BxT.dtype)
+    weights_BxTxS = onehot_BxTxS.astype(jnp.float32) * mask[..., None]
+    logp = jnp.where(mask > 0, logp_BxT, 0.0)
+    return jnp.einsum("bts,bt->bs", weights_BxTxS, logp), jnp.sum(weights_BxTxS, axis=1)
+
+
 def test_masked_and_segment_sums() -> None:
     logp = jnp.asarray([[-1.0, -2.0, -3.0, -np.inf, -5.0], [-0.5, -0.25, -1.0, -2.0, -4.0]])
     mask = jnp.asarray([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]], jnp.float32)
@@ -90,11 +103,13 @@ def test_masked_and_segment_sums() -> None:
     np.testing.assert_allclose(np.asarray(g), np.asarray(mask))
 
 
-def test_model_token_logprobs_match_hf_log_softmax(llama3_dir) -> None:
+def test_batch_logprobs_match_hf_log_softmax(llama3_dir) -> None:
     ids = np.random.default_rng(3).integers(0, 256, size=(2, 20)).astype(np.int32)
     targets = np.concatenate([ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
-    batch = {"chosen_input_ids": jnp.asarray(ids), "chosen_targets": jnp.asarray(targets), "other": 1}
-    got = np.asarray(model_token_logprobs(load_pretrained(llama3_dir), prefix_batch(batch, "chosen_"), chunk_size=6))
+    ones = np.ones_like(ids)
+    positions = np.broadcast_to(np.arange(20, dtype=np.int32), ids.shape)
+    batch = SeqBatch(ids, targets, ones.astype(np.float32), positions, ones)  # one segment per row: plain causal
+    got = np.asarray(batch_logprobs(load_pretrained(llama3_dir), jax.tree.map(jnp.asarray, batch), chunk_size=6))
     logits = hf_logits(llama3_dir, ids).astype(np.float64)
     ref = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
     np.testing.assert_allclose(got, ref, atol=1e-4)

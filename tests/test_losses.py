@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kt_jax.data.batch import SeqBatch
 from kt_jax.model.llama import Llama, LlamaConfig
-from kt_jax.ops.losses import dpo_loss, masked_mean_nll, sft_loss
+from kt_jax.ops.losses import dpo_loss, masked_mean_nll
+from kt_jax.train.steps import sft_loss
 
 PC, PR, RC, RR, BETA = -10.0, -12.0, -11.0, -10.5, 0.1
 
@@ -97,7 +99,8 @@ def test_sft_loss_matches_float64_log_softmax():
     ids = rng.integers(0, 64, (2, 12)).astype(np.int32)
     targets = np.roll(ids, -1, axis=1)
     mask = (rng.random((2, 12)) > 0.4).astype(np.float32)
-    batch = {"input_ids": jnp.asarray(ids), "targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask)}
+    positions = np.broadcast_to(np.arange(12, dtype=np.int32), ids.shape)
+    batch = jax.tree.map(jnp.asarray, SeqBatch(ids, targets, mask, positions, np.ones_like(ids)))  # one segment/row
     loss, m = sft_loss(model, batch, chunk_size=5)
     logits = np.asarray(model(jnp.asarray(ids)), np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)

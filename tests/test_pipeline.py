@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kt_jax.data.pipeline import DataConfig, device_iterator, length_report, make_dataset, stream_example
+from kt_jax.data.batch import PreferenceBatch, SeqBatch, Task
+from kt_jax.data.pipeline import DataConfig, length_report, make_dataset, stream_example
 from kt_jax.data.records import KCRecord, QARecord, read_records
 from kt_jax.errors import DataError
+from kt_jax.sharding import to_device
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowtuning"
 
@@ -36,10 +38,10 @@ def qa(n: int, seed: int = 0) -> list[QARecord]:
     return [QARecord(f"Q{i}?", f"A{i}." + " ü" * int(rng.integers(0, 40))) for i in range(n)]
 
 
-def segments(batch: dict, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+def segments(batch: SeqBatch) -> list[tuple[str, np.ndarray]]:
     """(decoded text, loss mask) of every packed segment in a host batch."""
     out = []
-    ids, seg, mask = (np.asarray(batch[prefix + k]) for k in ("input_ids", "segment_ids", "loss_mask"))
+    ids, seg, mask = (np.asarray(x) for x in (batch.input_ids, batch.segment_ids, batch.loss_mask))
     for b in range(ids.shape[0]):
         for s in range(1, int(seg[b].max()) + 1):
             sel = seg[b] == s
@@ -47,7 +49,7 @@ def segments(batch: dict, prefix: str = "") -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def example_ids(batch: dict) -> list[int]:
+def example_ids(batch: SeqBatch) -> list[int]:
     return [int(re.search(r"### Instruction:\nQ(\d+)\?", text).group(1)) for text, _ in segments(batch)]
 
 
@@ -56,8 +58,10 @@ def test_sft_fields_for_one_packed_row() -> None:
     cfg = DataConfig(max_len=512, batch_size=1, shuffle=False, num_epochs=1)
     it = iter(make_dataset(recs, Bytes(), cfg))
     b = next(it)
-    assert set(b) == {"input_ids", "targets", "loss_mask", "positions", "segment_ids"}
-    assert all(v.shape == (1, 512) for v in b.values()) and b["loss_mask"].dtype == np.float32
+    assert isinstance(b, SeqBatch)
+    assert set(b.as_dict()) == {"input_ids", "targets", "loss_mask", "positions", "segment_ids"}
+    assert all(v.shape == (1, 512) for v in b.as_dict().values()) and b.loss_mask.dtype == np.float32
+    b = b.as_dict()
     p0 = [1, *Bytes().encode(alpaca_text("Q0?"))]
     p1 = [1, *Bytes().encode(alpaca_text("Q1?"))]
     ex0, ex1 = [*p0, 97, 98, 2], [*p1, 120, 121, 122, 2]
@@ -80,12 +84,12 @@ def alpaca_text(question: str) -> str:
     return alpaca_prompt(question)
 
 
-def _masked_ce(model, batch: dict, packed: bool) -> float:
-    kwargs = {"positions_BxT": jnp.asarray(batch["positions"]), "segment_ids_BxT": jnp.asarray(batch["segment_ids"])}
-    logits = model(jnp.asarray(batch["input_ids"]), **(kwargs if packed else {}))
+def _masked_ce(model, batch: SeqBatch, packed: bool) -> float:
+    kwargs = {"positions_BxT": jnp.asarray(batch.positions), "segment_ids_BxT": jnp.asarray(batch.segment_ids)}
+    logits = model(jnp.asarray(batch.input_ids), **(kwargs if packed else {}))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok_lp = jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0]
-    mask = jnp.asarray(batch["loss_mask"])
+    tok_lp = jnp.take_along_axis(logp, jnp.asarray(batch.targets)[..., None], axis=-1)[..., 0]
+    mask = jnp.asarray(batch.loss_mask)
     return float(-(tok_lp * mask).sum() / mask.sum())
 
 
@@ -98,10 +102,10 @@ def test_packed_loss_equals_unpacked_mean(llama2_dir) -> None:
     it = iter(packed_ds)
     packed = next(it)
     used = it.last_stream_positions
-    assert packed["segment_ids"].max() >= 3  # several examples share a row
+    assert packed.segment_ids.max() >= 3  # several examples share a row
     unpacked_cfg = DataConfig(max_len=768, batch_size=len(used), pack=False, shuffle=False, num_epochs=1)
     unpacked = next(iter(make_dataset([recs[i] for i in used], Bytes(), unpacked_cfg)))
-    assert unpacked["segment_ids"].max() == 1 and unpacked["loss_mask"].sum() == packed["loss_mask"].sum()
+    assert unpacked.segment_ids.max() == 1 and unpacked.loss_mask.sum() == packed.loss_mask.sum()
     loss_packed = _masked_ce(model, packed, packed=True)
     loss_unpacked = _masked_ce(model, unpacked, packed=False)
     assert abs(loss_packed - loss_unpacked) < 1e-5
@@ -123,35 +127,34 @@ def test_mid_epoch_restore_gives_identical_batches(pack: bool) -> None:
     resumed.set_state(state)
     for want in reference[4:]:
         got = next(resumed)
-        assert set(got) == set(want)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
     assert resumed.get_state() == it.get_state()
 
 
-def test_orbax_checkpoint_of_device_iterator(tmp_path: Path, mesh) -> None:
+def test_orbax_checkpoint_of_the_iterator_then_global_arrays(tmp_path: Path, mesh) -> None:
     import orbax.checkpoint as ocp
 
     cfg = DataConfig(max_len=256, batch_size=8, seed=5)
     ds = make_dataset(qa(30), Bytes(), cfg)
-    it = device_iterator(ds, mesh)
+    it = iter(ds)
     reference = []
     for _ in range(5):
-        reference.append(next(it))
-    it = device_iterator(ds, mesh)
+        reference.append(to_device(next(it), mesh))
+    it = iter(ds)
     next(it), next(it)
     options = ocp.CheckpointManagerOptions(max_to_keep=1)
     with ocp.CheckpointManager(tmp_path / "ckpt", options=options,
                                item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as mngr:
         mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
-        fresh = device_iterator(ds, mesh)
+        fresh = iter(ds)
         mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     for want in reference[2:]:
-        got = next(fresh)
-        for k in want:
-            assert got[k].sharding == want[k].sharding and got[k].shape == (8, 256)
-            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+        got = to_device(next(fresh), mesh)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert g.sharding == w.sharding and g.shape == (8, 256)
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 @pytest.mark.parametrize("processes", [1, 2, 4])
@@ -162,7 +165,7 @@ def test_process_slices_cover_each_example_once(processes: int, pack: bool) -> N
     seen = []
     for p in range(processes):
         for batch in make_dataset(qa(n), Bytes(), cfg, process_index=p, process_count=processes):
-            assert batch["input_ids"].shape[0] == 4 // processes
+            assert batch.input_ids.shape[0] == 4 // processes
             seen += example_ids(batch)
     assert sorted(seen) == list(range(n))
 
@@ -188,7 +191,7 @@ def test_infinite_stream_reshuffles_each_epoch_and_matches_stream_example() -> N
 def test_padded_batches_use_buckets() -> None:
     cfg = DataConfig(max_len=1024, batch_size=2, pack=False, shuffle=False, buckets=(128, 160, 256), num_epochs=1)
     recs = [QARecord("Q0?", "a"), QARecord("Q1?", "b" * 15), QARecord("Q2?", "c" * 100), QARecord("Q3?", "d" * 900)]
-    shapes = [b["input_ids"].shape for b in make_dataset(recs, Bytes(), cfg)]
+    shapes = [b.input_ids.shape for b in make_dataset(recs, Bytes(), cfg)]
     assert shapes == [(2, 160), (2, 1024)]
 
 
@@ -225,36 +228,36 @@ def test_preference_batches() -> None:
     recs = [KCRecord("Q0?", "good answer", "bad", "factuality", ref_chosen_logp=-4.0, ref_rejected_logp=-6.5),
             KCRecord("Q1?", "ok", "worse answer", "completeness")]
     cfg = DataConfig(max_len=512, batch_size=2, shuffle=False, num_epochs=1, buckets=(160,))
-    b = next(iter(make_dataset(recs, Bytes(), cfg, preference=True)))
+    b = next(iter(make_dataset(recs, Bytes(), cfg, task=Task.DPO)))
     fields = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
-    assert set(b) == {f"{s}_{f}" for s in ("chosen", "rejected") for f in fields} | {
-        "ref_chosen_logps", "ref_rejected_logps"}
-    assert all(v.shape == (2, 160) for k, v in b.items() if not k.startswith("ref_"))
-    np.testing.assert_array_equal(b["ref_chosen_logps"][:1], [-4.0])
-    assert np.isnan(b["ref_chosen_logps"][1]) and np.isnan(b["ref_rejected_logps"][1])
-    (c0, m0), (c1, _) = segments(b, "chosen_")
-    (r0, mr0), _ = segments(b, "rejected_")
+    assert isinstance(b, PreferenceBatch) and isinstance(b.chosen, SeqBatch) and isinstance(b.rejected, SeqBatch)
+    assert set(b.chosen.as_dict()) == set(b.rejected.as_dict()) == set(fields)
+    assert all(v.shape == (2, 160) for side in (b.chosen, b.rejected) for v in side.as_dict().values())
+    np.testing.assert_array_equal(b.ref_chosen_logps[:1], [-4.0])
+    assert np.isnan(b.ref_chosen_logps[1]) and np.isnan(b.ref_rejected_logps[1])
+    (c0, m0), (c1, _) = segments(b.chosen)
+    (r0, mr0), _ = segments(b.rejected)
     assert c0 == alpaca_text("Q0?") + "good answer" and r0 == alpaca_text("Q0?") + "bad"
     assert c1 == alpaca_text("Q1?") + "ok"
     assert m0.sum() == len("good answer") + 1 and mr0.sum() == len("bad") + 1  # response tokens + EOS
     with pytest.raises(DataError, match="non-KC record"):
-        next(iter(make_dataset(qa(2), Bytes(), cfg, preference=True)))
+        next(iter(make_dataset(qa(2), Bytes(), cfg, task=Task.DPO)))
 
 
 def test_global_arrays_on_mesh(mesh) -> None:
     cfg = DataConfig(max_len=256, batch_size=8, pack=False, buckets=(160,))
-    it = device_iterator(make_dataset(qa(20), Bytes(), cfg), mesh)
-    batch = next(it)
+    it = iter(make_dataset(qa(20), Bytes(), cfg))
+    batch = to_device(next(it), mesh)
     from kt_jax.sharding import batch_axis_size
 
-    length = batch["input_ids"].shape[1]
+    length = batch.input_ids.shape[1]
     assert length in (160, 256)
-    for name, x in batch.items():
+    for name, x in batch.as_dict().items():
         assert isinstance(x, jax.Array) and x.shape == (8, length), name
         assert tuple(x.sharding.spec[0]) == ("data", "fsdp")
         rows = {s.data.shape[0] for s in x.addressable_shards}
         assert rows == {8 // batch_axis_size(mesh)}
-    assert len(batch["input_ids"].sharding.device_set) == mesh.size
+    assert len(batch.input_ids.sharding.device_set) == mesh.size
     assert it.counts["examples"] == 8
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 import transformers
 
+from kt_jax.data.packing import bucket_length
 from kt_jax.data.templates import alpaca_prompt, encode_pair
 from kt_jax.model.hf import load_pretrained
-from kt_jax.scoring import buckets, fact_perplexities, score_facts, sequence_logprobs
+from kt_jax.scoring import MIN_BUCKET, fact_perplexities, score_facts, sequence_logprobs
 
 
 class ByteTokenizer:
@@ -149,8 +150,9 @@ def test_sequence_logprobs_match_hf_with_eos(llama3_model, llama3_dir) -> None:
 
 
 def test_buckets_are_a_small_fixed_set() -> None:
-    assert buckets(1024) == [32, 64, 128, 256, 512, 1024]
-    assert buckets(300) == [32, 64, 128, 256, 300]
+    lengths = lambda max_len: sorted({bucket_length(n, max_len, smallest=MIN_BUCKET) for n in range(1, max_len + 1)})
+    assert lengths(1024) == [32, 64, 128, 256, 512, 1024]
+    assert lengths(300) == [32, 64, 128, 256, 300]
 
 
 FACT_ROWS = [

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from kt_jax.errors import ShardingError
-from kt_jax.sharding import ShardingRules, batch_axis_size, logical_sharding, make_mesh, shard_batch
+from kt_jax.sharding import ShardingRules, Throttle, batch_axis_size, logical_sharding, make_mesh, to_device, to_host
 
 
 def test_make_mesh_shapes() -> None:
@@ -39,10 +39,36 @@ def test_indivisible_dimension_is_replicated() -> None:
     assert logical_sharding(("embed", "vocab"), (64, 1000), mesh).spec == PartitionSpec("fsdp", "tensor")
 
 
-def test_shard_batch_splits_rows(mesh) -> None:
+@pytest.mark.parametrize("process_local", [True, False])
+def test_to_device_splits_rows(mesh, process_local: bool) -> None:
     x = np.arange(8 * 3).reshape(8, 3)
-    arr = shard_batch({"x": x}, mesh)["x"]
+    arr = to_device({"x": x}, mesh, process_local=process_local)["x"]
     np.testing.assert_array_equal(np.asarray(arr), x)
     n = batch_axis_size(mesh)
     assert {s.data.shape[0] for s in arr.addressable_shards} == {8 // n}
+    np.testing.assert_array_equal(to_host(arr), x)
+
+
+def test_to_device_microbatch_axis_and_errors(mesh) -> None:
+    x = np.arange(2 * 8 * 5).reshape(2, 8, 5)
+    arr = to_device(x, mesh, batch_dim=1)
+    assert arr.shape == (2, 8, 5) and tuple(arr.sharding.spec)[:2] == (None, ("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(arr), x)
+    assert isinstance(to_device(x, None), jax.Array)
+    if batch_axis_size(mesh) > 1:
+        with pytest.raises(ShardingError, match="does not split"):
+            to_device(np.zeros((3, 4)), mesh)
+
+
+def test_throttle_bounds_pending_and_keeps_order() -> None:
+    fetched: list[int] = []
+    throttle = Throttle(3, fetched.append)
+    for i in range(5):
+        throttle.push(i)
+        assert len(throttle) <= 2
+    assert fetched == [0, 1, 2]
+    throttle.drain()
+    assert fetched == [0, 1, 2, 3, 4] and len(throttle) == 0
+    with pytest.raises(ShardingError):
+        Throttle(0, fetched.append)
     assert len(jax.devices()) == 8

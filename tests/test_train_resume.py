@@ -111,7 +111,7 @@ def test_restore_onto_another_mesh(tmp_path):
     from flax import nnx
 
     from kt_jax.model.llama import Llama, LlamaConfig
-    from kt_jax.sharding import make_mesh, shard_model
+    from kt_jax.sharding import make_mesh, state_shardings
     from kt_jax.train.checkpoint import Checkpoints
     from kt_jax.train.config import OptimConfig
     from kt_jax.train.optimizer import make_optimizer
@@ -122,7 +122,12 @@ def test_restore_onto_another_mesh(tmp_path):
     states = []
     for seed, shape in ((0, (1, 8, 1)), (1, (2, 1, 4))):
         mesh = make_mesh(*shape, devices=jax.devices()[:8])
-        states.append(create_state(shard_model(Llama(cfg, nnx.Rngs(seed)), mesh), tx, mesh))
+        model = Llama(cfg, nnx.Rngs(seed))
+        state = nnx.state(model)  # every parameter onto the mesh as the rules table says
+        nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state),
+                                                       nnx.to_pure_dict(state_shardings(state, mesh))))
+        nnx.update(model, state)
+        states.append(create_state(model, tx, mesh))
     src, dst = states
     src.step = 3
     src.opt_state = jax.tree.map(lambda x: x + 1 if x.ndim else x + 3, src.opt_state)

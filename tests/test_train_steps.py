@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kt_jax.data.pipeline import segment_fields
+from kt_jax.data.batch import PreferenceBatch, SeqBatch
+from kt_jax.data.packing import Segment, pack_arrays
 from kt_jax.model.hf import load_pretrained
 from kt_jax.model.lora import LoRAConfig, apply_lora
 from kt_jax.sharding import make_mesh
@@ -23,37 +25,37 @@ from kt_jax.train.steps import make_dpo_loss, make_sft_loss, make_train_step
 pytestmark = pytest.mark.timeout(300)
 
 
-def sft_batch(rng: np.random.Generator, rows: int, length: int, vocab: int = 256) -> dict[str, np.ndarray]:
+def sft_batch(rng: np.random.Generator, rows: int, length: int, vocab: int = 256) -> SeqBatch:
     """A padded SFT batch in the pipeline's format: one segment per row, prompt 3-5 tokens."""
     segs = []
     for _ in range(rows):
         n = int(rng.integers(length // 2, length + 1))
-        segs.append([(list(rng.integers(3, vocab, n)), int(rng.integers(3, 6)))])
-    return segment_fields(segs, length)
+        segs.append([Segment.response(list(rng.integers(3, vocab, n)), int(rng.integers(3, 6)))])
+    return pack_arrays(segs, length).batch
 
 
 def pref_batch(rng: np.random.Generator, rows: int, length: int, vocab: int = 256, pad_rows: int = 0,
-               ref: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """A preference batch (chosen_/rejected_ fields + reference log-probs); the last `pad_rows` rows are empty."""
-    out: dict[str, np.ndarray] = {}
+               ref: tuple[np.ndarray, np.ndarray] | None = None) -> PreferenceBatch:
+    """A preference batch (chosen/rejected rows + reference log-probs); the last `pad_rows` rows are empty."""
+    sides = []
     prompts = [list(rng.integers(3, vocab, 4)) for _ in range(rows)]
-    for side in ("chosen", "rejected"):
-        segs = [[(p + list(rng.integers(3, vocab, int(rng.integers(3, length - 4)))), len(p))] for p in prompts]
+    for _ in ("chosen", "rejected"):
+        segs = [[Segment.response(p + list(rng.integers(3, vocab, int(rng.integers(3, length - 4)))), len(p))]
+                for p in prompts]
         segs = segs[: rows - pad_rows] + [[]] * pad_rows
-        out.update({f"{side}_{k}": v for k, v in segment_fields(segs, length).items()})
+        sides.append(pack_arrays(segs, length).batch)
     rc, rr = ref if ref is not None else (-rng.uniform(20, 40, rows), -rng.uniform(20, 40, rows))
-    out["ref_chosen_logps"] = np.asarray(rc, np.float32) * (np.arange(rows) < rows - pad_rows)
-    out["ref_rejected_logps"] = np.asarray(rr, np.float32) * (np.arange(rows) < rows - pad_rows)
-    return out
+    real = np.arange(rows) < rows - pad_rows
+    return PreferenceBatch(*sides, np.asarray(rc, np.float32) * real, np.asarray(rr, np.float32) * real)
 
 
 class ListIterator:
     """Cycles over fixed host batches; checkpointable like the Grain iterator."""
 
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
+    def __init__(self, batches: list[SeqBatch | PreferenceBatch]):
         self.batches, self.i = batches, 0
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> SeqBatch | PreferenceBatch:
         b = self.batches[self.i % len(self.batches)]
         self.i += 1
         return b
@@ -65,14 +67,15 @@ class ListIterator:
         self.i = int(state["i"])
 
 
-def _hf_logps(path, batch: dict[str, np.ndarray], side: str) -> np.ndarray:
+def _hf_logps(path, batch: PreferenceBatch, side: str) -> np.ndarray:
     """Summed masked response log-probs per row in float64 from transformers on the same checkpoint."""
     import torch
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    ids, tgt, mask = (batch[f"{side}_{k}"] for k in ("input_ids", "targets", "loss_mask"))
-    attn = (batch[f"{side}_segment_ids"] > 0).astype(np.int64)
+    rows: SeqBatch = getattr(batch, side)
+    ids, tgt, mask = rows.input_ids, rows.targets, rows.loss_mask
+    attn = (rows.segment_ids > 0).astype(np.int64)
     with torch.no_grad():
         logits = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(attn)).logits
     logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tgt, dtype=torch.long)[..., None])[..., 0].numpy()
@@ -89,13 +92,24 @@ def test_dpo_step_loss_matches_hf_formula(llama2_dir):
     _, _, metrics = step(ts.params, ts.opt_state, ts.frozen, to_device(stack_micro([batch]), None))
     pc, nc = _hf_logps(llama2_dir, batch, "chosen")
     pr, _ = _hf_logps(llama2_dir, batch, "rejected")
-    rc, rr = batch["ref_chosen_logps"].astype(np.float64), batch["ref_rejected_logps"].astype(np.float64)
+    rc, rr = batch.ref_chosen_logps.astype(np.float64), batch.ref_rejected_logps.astype(np.float64)
     real = slice(0, 3)  # the padded 4th row weighs nothing
     delta = (pc - rc) - (pr - rr)
     per_row = np.log1p(np.exp(-0.1 * delta[real])) + 0.2 * (-pc[real] / nc[real])
     assert float(metrics["loss"]) == pytest.approx(per_row.mean(), abs=1e-4)
     acc = np.mean((0.1 * (pc - rc))[real] > (0.1 * (pr - rr))[real])
     assert float(metrics["rewards/accuracy"]) == pytest.approx(acc)
+
+
+def place_on_mesh(model, mesh):
+    """Put every parameter of `model` onto the mesh as the rules table says (in place)."""
+    from kt_jax.sharding import state_shardings
+
+    state = nnx.state(model)
+    placed = jax.device_put(nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings(state, mesh)))
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+    return model
 
 
 def _tiny_model(lora: bool, seed: int = 0, dtype: str = "float32"):
@@ -158,9 +172,9 @@ def test_dpo_reward_accuracy_rises(tmp_path):
     model = _tiny_model(lora=True)
     from kt_jax.train.steps import dpo_policy_logps
 
-    for b in batches:
-        pc, pr, _, _ = dpo_policy_logps(model, {k: jnp.asarray(v) for k, v in b.items()})
-        b["ref_chosen_logps"], b["ref_rejected_logps"] = np.asarray(pc), np.asarray(pr)
+    for i, b in enumerate(batches):
+        pc, pr, _, _ = dpo_policy_logps(model, jax.tree.map(jnp.asarray, b))
+        batches[i] = dataclasses.replace(b, ref_chosen_logps=np.asarray(pc), ref_rejected_logps=np.asarray(pr))
     _run(model, make_dpo_loss(DPOConfig(), chunk_size=8), batches, 30, tmp_path, lr=1e-2)
     import json
 
@@ -178,9 +192,7 @@ def test_loss_identical_on_meshes_1_and_2x4(tmp_path):
     for name, shape in (("1", (1, 1, 1)), ("2x4", (2, 1, 4))):
         mesh = make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
         model = _tiny_model(lora=False)
-        from kt_jax.sharding import shard_model
-
-        shard_model(model, mesh)
+        place_on_mesh(model, mesh)
         ts, _ = _run(model, make_dpo_loss(DPOConfig(), chunk_size=8), batches, 3, tmp_path / name, mesh=mesh,
                      accum=2)
         out[name] = (_losses(tmp_path / name), jax.tree.map(np.asarray, ts.params))
@@ -192,7 +204,7 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
     rng = np.random.default_rng(5)
     good = [pref_batch(rng, 4, 16) for _ in range(4)]
     bad = pref_batch(rng, 4, 16)
-    bad["ref_chosen_logps"][0] = np.nan
+    bad.ref_chosen_logps[0] = np.nan
     with pytest.raises(TrainingDiverged, match=r"step 5.*last good checkpoint: step 4"):
         _run(_tiny_model(lora=True), make_dpo_loss(DPOConfig(), chunk_size=8), [*good, bad], 10, tmp_path,
              save_every=2)
@@ -214,7 +226,7 @@ def test_grad_accumulation_means_microbatches_and_bf16_step():
     micro = to_device(stack_micro([b1, b2]), None)  # b2 is zero-padded to T=16
     _, _, m = make_train_step(ts, tx, loss_fn)(ts.params, ts.opt_state, ts.frozen, micro)
     assert float(m["loss"]) == pytest.approx(np.mean(single), abs=1e-5)
-    assert float(m["tokens"]) == float((b1["segment_ids"] > 0).sum() + (b2["segment_ids"] > 0).sum())
+    assert float(m["tokens"]) == float((b1.segment_ids > 0).sum() + (b2.segment_ids > 0).sum())
     # bf16 compute with float32 parameters: same loss to bf16 precision, params stay float32
     model16 = _tiny_model(lora=False, dtype="bfloat16")
     ts16 = create_state(model16, tx)

@@ -1,4 +1,4 @@
-"""Target-token log-probs without materialising a float32 [B, T, V] log-softmax, and masked/segment sums.
+"""Target-token log-probs without materialising a float32 [B, T, V] log-softmax, and masked sums (arrays only).
 
 Scoring (fact perplexities, DPO reference log-probs) and training losses (SFT, DPO) all go through
 `token_logprobs`, so a perplexity and a loss computed on the same tokens can never disagree.
@@ -8,8 +8,6 @@ Memory: logits exist one sequence chunk at a time ([B, chunk, V] float32). The c
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,39 +49,8 @@ def token_logprobs(
     return logp_NxBxC.transpose(1, 0, 2).reshape(b, n * chunk_size)[:, :t]
 
 
-def model_token_logprobs(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
-    """[B, T] float32 log-probs of `batch['targets']` under `model`, from an SFT/LM batch dict.
-
-    Uses `input_ids`, `targets`, and when present `positions`, `segment_ids` and `attn_mask` ([B, T, T] bool,
-    e.g. prefix-shared scoring). A key may carry a prefix (e.g. `chosen_`) via `prefix_batch` first.
-    """
-    hidden_BxTxD = model.hidden_states(
-        batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), batch.get("attn_mask")
-    )
-    return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), batch["targets"], chunk_size=chunk_size)
-
-
-def prefix_batch(batch: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The fields of `batch` named `prefix + name`, renamed to `name` (e.g. 'chosen_' of a preference batch)."""
-    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
-
-
 def masked_sum(logp_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum over t of logp where mask, number of masked-in tokens), both float32 [B]."""
     mask = mask_BxT.astype(jnp.float32)
     total_B = jnp.sum(jnp.where(mask > 0, logp_BxT * mask, 0.0), axis=1)
     return total_B, jnp.sum(mask, axis=1)
-
-
-def segment_sum(
-    logp_BxT: jax.Array, mask_BxT: jax.Array, segment_ids_BxT: jax.Array, num_segments: int
-) -> tuple[jax.Array, jax.Array]:
-    """Per-segment (sum of masked logp, masked token count), float32 [B, num_segments].
-
-    Column j holds segment id j + 1 (id 0 is padding and is never counted); ids above `num_segments` are dropped.
-    """
-    mask = mask_BxT.astype(jnp.float32)
-    onehot_BxTxS = segment_ids_BxT[..., None] == jnp.arange(1, num_segments + 1, dtype=segment_ids_BxT.dtype)
-    weights_BxTxS = onehot_BxTxS.astype(jnp.float32) * mask[..., None]
-    logp = jnp.where(mask > 0, logp_BxT, 0.0)
-    return jnp.einsum("bts,bt->bs", weights_BxTxS, logp), jnp.sum(weights_BxTxS, axis=1)

@@ -7,12 +7,10 @@ token-mean NLL of example i's chosen answer. Every function here is a pure funct
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from kt_jax.ops.logprobs import DEFAULT_CHUNK, masked_sum, model_token_logprobs
+from kt_jax.ops.logprobs import masked_sum
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 SFT_REDUCTIONS = ("example", "token")
@@ -23,14 +21,6 @@ def masked_mean_nll(logp_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array
     total_B, count_B = masked_sum(logp_BxT, mask_BxT)
     count = jnp.sum(count_B)
     return -jnp.sum(total_B) / jnp.maximum(count, 1.0), count
-
-
-def sft_loss(model: Any, batch: dict[str, jax.Array], *, chunk_size: int = DEFAULT_CHUNK
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked token-mean cross-entropy of an SFT batch (loss_mask selects response tokens, EOS included)."""
-    logp_BxT = model_token_logprobs(model, batch, chunk_size=chunk_size)
-    loss, tokens = masked_mean_nll(logp_BxT, batch["loss_mask"])
-    return loss, {"loss": loss, "tokens": tokens}
 
 
 def dpo_loss(

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from kt_jax import sharding
+from kt_jax.data.batch import Batch, stack
 from kt_jax.errors import KtJaxError
-from kt_jax.sharding import ShardingRules
 from kt_jax.train.checkpoint import Checkpoints
 from kt_jax.train.config import TrainConfig
 from kt_jax.train.logging import MetricsLog
@@ -45,49 +45,21 @@ class TrainResult:
     tokens: float
 
 
-def _agree_length(length: int) -> int:
-    """The longest row length over all processes."""
-    if jax.process_count() == 1:
-        return length
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.array([length], np.int32))))
+def stack_micro(batches: Sequence[Batch]) -> Batch:
+    """Host batches -> one host batch of [A, B, ...] microbatches (`data.batch.stack`)."""
+    return stack(batches)
 
 
-def stack_micro(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Host batches -> one dict of [A, B, ...] arrays (sequence fields zero-padded to the longest T).
-
-    With several processes the longest T is agreed across them (padded batches must have one global shape).
-    """
-    lengths = [np.asarray(v).shape[1] for b in batches for v in b.values() if np.asarray(v).ndim == 2]
-    t = _agree_length(max(lengths)) if lengths else 0
-    out = {}
-    for key in batches[0]:
-        xs = [np.asarray(b[key]) for b in batches]
-        if xs[0].ndim == 2:
-            xs = [np.pad(x, ((0, 0), (0, t - x.shape[1]))) for x in xs]
-        out[key] = np.stack(xs)
-    return out
-
-
-def to_device(micro: dict[str, np.ndarray], mesh: Mesh | None, rules: ShardingRules | None = None) -> dict[str, Any]:
-    """[A, B, ...] host arrays -> device arrays sharded over the batch axis B (axis 1) of the mesh."""
-    if mesh is None:
-        return {k: jax.device_put(v) for k, v in micro.items()}
-    batch_axes = (rules or ShardingRules()).mesh_axes("batch")
-    out = {}
-    for key, x in micro.items():
-        sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, *([None] * (x.ndim - 2))))
-        shape = (x.shape[0], x.shape[1] * jax.process_count(), *x.shape[2:])
-        out[key] = jax.make_array_from_process_local_data(sharding, x, shape)
-    return out
+def to_device(micro: Batch, mesh: Mesh | None) -> Batch:
+    """[A, B, ...] host microbatches of this process -> device arrays, B sharded (`sharding.to_device`, axis 1)."""
+    return sharding.to_device(micro, mesh, batch_dim=1)
 
 
 def _host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(eval_step: Callable[..., Any], ts: TrainState, batches: Iterable[dict[str, np.ndarray]],
+def evaluate(eval_step: Callable[..., Any], ts: TrainState, batches: Iterable[Batch],
              mesh: Mesh | None, limit: int | None = None) -> dict[str, float]:
     """Mean of each metric over held-out batches (one microbatch each); {} when there are none."""
     sums: dict[str, float] = {}
@@ -105,20 +77,20 @@ def evaluate(eval_step: Callable[..., Any], ts: TrainState, batches: Iterable[di
 def train(
     ts: TrainState,
     train_step: Callable[..., Any],
-    data: Iterator[dict[str, np.ndarray]],
+    data: Iterator[Batch],
     *,
     cfg: TrainConfig,
     total_steps: int,
     run_dir: str | Path,
     mesh: Mesh | None = None,
     eval_step: Callable[..., Any] | None = None,
-    eval_data: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+    eval_data: Callable[[], Iterable[Batch]] | None = None,
     lr_fn: Callable[[int], float] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) to `total_steps` optimizer steps; checkpoints under `<run_dir>/checkpoints`.
 
-    `data` yields host batch dicts (INTERFACES.md) and has `get_state`/`set_state` (the Grain iterator);
+    `data` yields host batches (`data.batch`) and has `get_state`/`set_state` (the Grain iterator);
     `grad_accum` batches make one step. `on_step(step)` is called after each step's metrics are fetched.
     """
     run_dir = Path(run_dir)
@@ -138,15 +110,14 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=ts.step, desc="train", unit="step", dynamic_ncols=True)
-    pending: deque[tuple[int, Any, float]] = deque()
     last: dict[str, float] = {}
     last_good = resumed_from
     tokens_total, t_start = 0.0, time.perf_counter()
     t_prev, tok_window = t_start, 0.0
 
-    def fetch_one() -> None:
+    def fetch_one(item: tuple[int, Any]) -> None:
         nonlocal last, tokens_total, t_prev, tok_window
-        step, metrics, _ = pending.popleft()
+        step, metrics = item
         m = _host_metrics(metrics)
         if m.get("nonfinite", 0.0) > 0 or not np.isfinite(m.get("loss", 0.0)):
             ckpt.wait()
@@ -169,10 +140,7 @@ def train(
         if on_step is not None:
             on_step(step)
 
-    def drain() -> None:
-        while pending:
-            fetch_one()
-
+    in_flight = sharding.Throttle(cfg.max_in_flight, fetch_one)
     try:
         while ts.step < total_steps:
             batches = []
@@ -186,12 +154,10 @@ def train(
             micro = to_device(stack_micro(batches), mesh)
             ts.params, ts.opt_state, metrics = train_step(ts.params, ts.opt_state, ts.frozen, micro)
             ts.step += 1
-            pending.append((ts.step, metrics, time.perf_counter()))
-            if len(pending) >= cfg.max_in_flight:
-                fetch_one()
+            in_flight.push((ts.step, metrics))
             is_eval = ts.step % eval_every == 0 or ts.step == total_steps
             if is_eval and eval_step is not None and eval_data is not None:
-                drain()
+                in_flight.drain()
                 ev = evaluate(eval_step, ts, eval_data(), mesh, cfg.eval_batches)
                 if ev:
                     evals.append({"step": ts.step, **ev})
@@ -200,11 +166,11 @@ def train(
                         best_loss, best_step = ev["loss"], ts.step
                         ckpt.save_best(ts, {"eval_loss": best_loss})
             if ts.step % save_every == 0 or ts.step == total_steps:
-                drain()
+                in_flight.drain()
                 state = data.get_state() if hasattr(data, "get_state") else {}
                 ckpt.save(ts, state, {"best_eval_loss": best_loss, "best_step": best_step})
                 last_good = ts.step
-        drain()
+        in_flight.drain()
         ckpt.wait()
     finally:
         if bar is not None:

@@ -76,9 +76,11 @@ def split_eval(records: list[Any], eval_rows: int, seed: int) -> tuple[list[Any]
 
 def count_batches(records: list[Any], tok: Any, cfg: DataConfig, preference: bool) -> int:
     """Host batches in one epoch of `records` (tokenizes them once)."""
+    from kt_jax.data.batch import Task
     from kt_jax.data.pipeline import make_dataset
 
-    it = iter(make_dataset(records, tok, dataclasses.replace(cfg, num_epochs=1), preference=preference))
+    task = Task.DPO if preference else Task.SFT
+    it = iter(make_dataset(records, tok, dataclasses.replace(cfg, num_epochs=1), task=task))
     return sum(1 for _ in it)
 
 
@@ -119,6 +121,7 @@ def run(cfg: RunConfig, *, preference: bool, on_step: Callable[[int], None] | No
     """Train per `cfg` (SFT, or DPO with `preference=True`); returns the summary written to summary.json."""
     import jax
 
+    from kt_jax.data.batch import Task
     from kt_jax.data.pipeline import make_dataset
     from kt_jax.data.records import read_records
     from kt_jax.data.tokenizer import load_tokenizer
@@ -162,9 +165,10 @@ def run(cfg: RunConfig, *, preference: bool, on_step: Callable[[int], None] | No
                         f"{cfg.data.max_len} under data.overlength={cfg.data.overlength!r})")
     total = cfg.train.num_steps or max(1, math.floor(cfg.train.num_epochs * per_epoch / cfg.train.grad_accum))
     data_cfg = dataclasses.replace(cfg.data, num_epochs=None)  # the step count ends the run
-    data = iter(make_dataset(train_recs, tok, data_cfg, preference=preference))
+    task = Task.DPO if preference else Task.SFT
+    data = iter(make_dataset(train_recs, tok, data_cfg, task=task))
     eval_cfg = dataclasses.replace(cfg.data, shuffle=False, num_epochs=1)
-    eval_data = (lambda: iter(make_dataset(eval_recs, tok, eval_cfg, preference=preference))) if eval_recs else None
+    eval_data = (lambda: iter(make_dataset(eval_recs, tok, eval_cfg, task=task))) if eval_recs else None
     tx = make_optimizer(cfg.optim, total)
     ts = create_state(model, tx, mesh)
     loss_fn = make_dpo_loss(cfg.dpo, cfg.train.chunk_size) if preference else make_sft_loss(cfg.train.chunk_size)

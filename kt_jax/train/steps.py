@@ -1,9 +1,10 @@
-"""Jitted SFT / DPO train and eval steps over microbatches (gradient accumulation), with a NaN/Inf guard.
+"""Model-level losses (SFT/LM, DPO) and jitted train/eval steps over microbatches, with a NaN/Inf guard.
 
-A step takes the trained params (pure dict), optimizer state, frozen state and a batch dict whose arrays have
-a leading microbatch axis [A, B, ...]; it averages the A microbatch losses/gradients (as HF Trainer does with
-gradient accumulation), clips, applies AdamW, and returns metrics. When the loss or the gradient norm is not
-finite the update is skipped (params and optimizer state returned unchanged) and `nonfinite` = 1 is reported.
+A step takes the trained params (pure dict), optimizer state, frozen state and a batch (`data.batch.SeqBatch` or
+`PreferenceBatch`) whose arrays have a leading microbatch axis [A, B, ...]; it averages the A microbatch
+losses/gradients (as HF Trainer does with gradient accumulation), clips, applies AdamW, and returns metrics.
+When the loss or the gradient norm is not finite the update is skipped (params and optimizer state returned
+unchanged) and `nonfinite` = 1 is reported.
 """
 
 from __future__ import annotations
@@ -16,13 +17,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kt_jax.ops.logprobs import masked_sum, model_token_logprobs
-from kt_jax.ops.losses import dpo_loss, sft_loss
+from kt_jax.data.batch import Batch, PreferenceBatch, SeqBatch
+from kt_jax.ops.logprobs import DEFAULT_CHUNK, masked_sum, token_logprobs
+from kt_jax.ops.losses import dpo_loss, masked_mean_nll
 from kt_jax.train.config import DPOConfig
 from kt_jax.train.state import TrainState, merge_params
 
-LossFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
-SEQ_FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def batch_logprobs(model: Any, batch: SeqBatch, *, chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+    """[B, T] float32 log-probs of `batch.targets` under `model` (packed segments attend within themselves)."""
+    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
+    return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), batch.targets, chunk_size=chunk_size)
+
+
+def sft_loss(model: Any, batch: SeqBatch, *, chunk_size: int = DEFAULT_CHUNK
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked token-mean cross-entropy of an SFT/LM batch (loss_mask selects the counted targets)."""
+    loss, tokens = masked_mean_nll(batch_logprobs(model, batch, chunk_size=chunk_size), batch.loss_mask)
+    return loss, {"loss": loss, "tokens": tokens}
 
 
 def make_sft_loss(chunk_size: int = 128) -> LossFn:
@@ -30,24 +44,24 @@ def make_sft_loss(chunk_size: int = 128) -> LossFn:
     return functools.partial(sft_loss, chunk_size=chunk_size)
 
 
-def dpo_policy_logps(model: Any, batch: dict[str, jax.Array], chunk_size: int = 128
+def dpo_policy_logps(model: Any, batch: PreferenceBatch, chunk_size: int = 128
                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(chosen summed logps, rejected summed logps, chosen token counts, rejected counts), one forward."""
-    b = batch["chosen_input_ids"].shape[0]
-    both = {f: jnp.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]], axis=0) for f in SEQ_FIELDS}
-    logp_2BxT = model_token_logprobs(model, both, chunk_size=chunk_size)
-    sums, counts = masked_sum(logp_2BxT, both["loss_mask"])
+    b = batch.chosen.input_ids.shape[0]
+    both = jax.tree.map(lambda c, r: jnp.concatenate([c, r], axis=0), batch.chosen, batch.rejected)
+    logp_2BxT = batch_logprobs(model, both, chunk_size=chunk_size)
+    sums, counts = masked_sum(logp_2BxT, both.loss_mask)
     return sums[:b], sums[b:], counts[:b], counts[b:]
 
 
 def make_dpo_loss(cfg: DPOConfig, chunk_size: int = 128) -> LossFn:
     """DPO (+ the chosen NLL term) of a preference batch with stored reference log-probs; pad rows weigh 0."""
 
-    def loss_fn(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss_fn(model: Any, batch: PreferenceBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
         pc, pr, nc, nr = dpo_policy_logps(model, batch, chunk_size)
         weights = ((nc > 0) & (nr > 0)).astype(jnp.float32)
         loss, metrics = dpo_loss(
-            pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=cfg.beta, loss_type=cfg.loss_type,
+            pc, pr, batch.ref_chosen_logps, batch.ref_rejected_logps, beta=cfg.beta, loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free, sft_weight=cfg.sft_weight,
             chosen_nll=-pc / jnp.maximum(nc, 1.0), chosen_tokens=nc, sft_reduction=cfg.sft_reduction,
             weights=weights)
@@ -56,22 +70,23 @@ def make_dpo_loss(cfg: DPOConfig, chunk_size: int = 128) -> LossFn:
     return loss_fn
 
 
-def _token_count(batch: dict[str, jax.Array]) -> jax.Array:
-    """Non-padding input tokens in a batch (all sequence fields named *segment_ids)."""
-    return sum(jnp.sum(v > 0) for k, v in batch.items() if k.endswith("segment_ids")).astype(jnp.float32)
+def _token_count(batch: Batch) -> jax.Array:
+    """Non-padding input tokens in a batch (both sides of a preference batch)."""
+    seqs = (batch.chosen, batch.rejected) if isinstance(batch, PreferenceBatch) else (batch,)
+    return sum(jnp.sum(s.segment_ids > 0) for s in seqs).astype(jnp.float32)
 
 
-def _accumulate(loss_fn: LossFn, ts: TrainState, params: Any, frozen: Any, micro: dict[str, jax.Array], grads: bool):
+def _accumulate(loss_fn: LossFn, ts: TrainState, params: Any, frozen: Any, micro: Batch, grads: bool):
     """Mean loss / metrics (and grads) over the leading microbatch axis."""
 
-    def one(p: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def one(p: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         loss, metrics = loss_fn(merge_params(ts.graphdef, ts.template, p, frozen), batch)
         return loss, metrics
 
     fn = jax.value_and_grad(one, has_aux=True) if grads else one
     a = jax.tree.leaves(micro)[0].shape[0]
 
-    def body(carry: Any, batch: dict[str, jax.Array]) -> tuple[Any, None]:
+    def body(carry: Any, batch: Batch) -> tuple[Any, None]:
         out = fn(params, batch)
         (_, metrics), g = (out if grads else (out, None))
         metrics = {**metrics, "tokens": _token_count(batch)}
@@ -93,7 +108,7 @@ def _accumulate(loss_fn: LossFn, ts: TrainState, params: Any, frozen: Any, micro
 def make_train_step(ts: TrainState, tx: optax.GradientTransformation, loss_fn: LossFn) -> Callable[..., Any]:
     """jit(params, opt_state, frozen, micro) -> (params, opt_state, metrics); params/opt_state donated."""
 
-    def step(params: Any, opt_state: Any, frozen: Any, micro: dict[str, jax.Array]) -> Any:
+    def step(params: Any, opt_state: Any, frozen: Any, micro: Batch) -> Any:
         metrics, grads = _accumulate(loss_fn, ts, params, frozen, micro, grads=True)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -112,7 +127,7 @@ def make_train_step(ts: TrainState, tx: optax.GradientTransformation, loss_fn: L
 def make_eval_step(ts: TrainState, loss_fn: LossFn) -> Callable[..., Any]:
     """jit(params, frozen, micro) -> metrics (means over the microbatch axis)."""
 
-    def step(params: Any, frozen: Any, micro: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def step(params: Any, frozen: Any, micro: Batch) -> dict[str, jax.Array]:
         metrics, _ = _accumulate(loss_fn, ts, params, frozen, micro, grads=False)
         return metrics
 

@@ -93,38 +93,23 @@ def encode_doc(tok: Any, doc: str) -> list[int]:
 
 
 def pack_rows(docs_ids: Sequence[list[int]], seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Shuffle docs and pack them greedily into [N, seq_len] rows with segment ids, positions, targets, mask."""
-    order = rng.permutation(len(docs_ids))
-    rows: list[list[list[int]]] = [[]]
-    used = 0
-    for i in order:
+    """Shuffle docs and pack them next-fit into [N, seq_len] rows (`data.packing`); every next token is a target."""
+    from kt_jax.data.packing import Bins, Segment, pack_arrays
+
+    bins = Bins(seq_len, last_only=True)
+    for i in rng.permutation(len(docs_ids)):
         ids = docs_ids[i][:seq_len]
-        if used + len(ids) > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(ids)
-        used += len(ids)
-    n = len(rows)
-    out = {k: np.zeros((n, seq_len), np.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
-    out["loss_mask"] = np.zeros((n, seq_len), np.float32)
-    for r, segs in enumerate(rows):
-        t = 0
-        for s, ids in enumerate(segs, 1):
-            k = len(ids)
-            out["input_ids"][r, t:t + k] = ids
-            out["targets"][r, t:t + k - 1] = ids[1:]
-            out["loss_mask"][r, t:t + k - 1] = 1.0
-            out["positions"][r, t:t + k] = np.arange(k)
-            out["segment_ids"][r, t:t + k] = s
-            t += k
-    return out
+        bins.add(Segment.lm(ids), len(ids))
+    return pack_arrays(bins.bins, seq_len).batch.as_dict()
 
 
 def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy over `loss_mask` (the shared chunked log-prob code of scoring/training)."""
-    from kt_jax.ops.logprobs import masked_sum, model_token_logprobs
+    from kt_jax.data.batch import SeqBatch
+    from kt_jax.ops.logprobs import masked_sum
+    from kt_jax.train.steps import batch_logprobs
 
-    total_B, count_B = masked_sum(model_token_logprobs(model, batch), batch["loss_mask"])
+    total_B, count_B = masked_sum(batch_logprobs(model, SeqBatch(**batch)), batch["loss_mask"])
     return -total_B.sum() / jnp.maximum(count_B.sum(), 1.0)
 
 

@@ -1,0 +1,143 @@
+"""The one packer (token segments -> fixed-length rows of arrays) and the one bucket policy (row lengths).
+
+Used by SFT/DPO data (`data.pipeline`), fact scoring (`scoring`), generation prompts (`generate`) and the world's
+LM pretraining (`world.pretrain.pack_rows`):
+
+- `Bins` places items first-fit into bins of `capacity` tokens (optionally at most `max_bins` bins, at most
+  `max_weight` weight per bin, or only the newest bin open: next-fit).
+- `pack_arrays` lays rows of `Segment`s and `Group`s out as a `SeqBatch` (+ attention group ids). A `Group` is a
+  shared prefix followed by segments that each attend to the prefix and to themselves only (prefix-shared
+  scoring); the positions of a group's segments continue after the prefix. Segment ids count the row's segments
+  1, 2, ... (0 = padding and shared prefixes); group ids count its groups (a bare segment is its own group).
+- `bucket_length` rounds a row length up to a bucket: configured sizes or powers of two, capped at `max_len`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kt_jax.data.batch import SeqBatch
+
+
+class Segment(NamedTuple):
+    """Token ids of one packed sequence; its last `n_loss` next-token targets count in the loss."""
+
+    tokens: Sequence[int]
+    n_loss: int
+
+    @classmethod
+    def response(cls, ids: Sequence[int], prompt_len: int) -> Segment:
+        """Prompt + response ids: the loss covers the response tokens (EOS included)."""
+        return cls(ids, len(ids) - prompt_len)
+
+    @classmethod
+    def lm(cls, ids: Sequence[int]) -> Segment:
+        """A document: the loss covers every next token."""
+        return cls(ids, len(ids) - 1)
+
+
+class Group(NamedTuple):
+    """A shared prefix (attended by every segment of the group, scored nowhere) and its segments."""
+
+    prefix: Sequence[int]
+    segments: Sequence[Segment]
+
+    @property
+    def length(self) -> int:
+        """Tokens in the group."""
+        return len(self.prefix) + sum(len(s.tokens) for s in self.segments)
+
+
+class Packed(NamedTuple):
+    """Rows laid out as arrays: the batch and the attention group ids [N, T] (0 = padding)."""
+
+    batch: SeqBatch
+    group_ids: np.ndarray
+
+
+class Bins:
+    """First-fit bin packing of items of known size into bins of `capacity` tokens.
+
+    `max_bins` bounds how many bins open (an item that fits none is refused); `max_weight` bounds the summed
+    weight of a bin; `last_only` considers only the newest bin (next-fit). When bins are unbounded an item larger
+    than `capacity` gets a bin of its own.
+    """
+
+    def __init__(self, capacity: int, *, max_bins: int | None = None, max_weight: int | None = None,
+                 last_only: bool = False) -> None:
+        self.capacity, self.max_bins, self.max_weight, self.last_only = capacity, max_bins, max_weight, last_only
+        self.bins: list[list[Any]] = []
+        self._used: list[tuple[int, int]] = []  # (tokens, weight) per bin
+
+    def add(self, item: Any, size: int, weight: int = 1) -> bool:
+        """Put `item` into the first bin it fits, opening a new bin if needed; False when it is refused."""
+        start = len(self.bins) - 1 if self.last_only else 0
+        for i in range(max(start, 0), len(self.bins)):
+            tokens, w = self._used[i]
+            if tokens + size <= self.capacity and (self.max_weight is None or w + weight <= self.max_weight):
+                self.bins[i].append(item)
+                self._used[i] = (tokens + size, w + weight)
+                return True
+        if self.max_bins is not None and (len(self.bins) >= self.max_bins or size > self.capacity):
+            return False
+        self.bins.append([item])
+        self._used.append((size, weight))
+        return True
+
+
+def pack_arrays(rows: Sequence[Sequence[Segment | Group]], length: int) -> Packed:
+    """[len(rows), length] arrays for rows of segments and groups, laid out left to right, zero-padded."""
+    n = len(rows)
+    ints = lambda: np.zeros((n, length), np.int32)
+    ids, targets, positions, segments, groups = ints(), ints(), ints(), ints(), ints()
+    loss_mask = np.zeros((n, length), np.float32)
+    for r, row in enumerate(rows):
+        t = seg = 0
+        for g, item in enumerate(row, start=1):
+            prefix, members = (item.prefix, item.segments) if isinstance(item, Group) else ((), (item,))
+            p = len(prefix)
+            if p:
+                ids[r, t:t + p], positions[r, t:t + p], groups[r, t:t + p] = prefix, np.arange(p), g
+                t += p
+            for s in members:
+                m = len(s.tokens)
+                seg += 1
+                sl = slice(t, t + m)
+                ids[r, sl], positions[r, sl], segments[r, sl], groups[r, sl] = s.tokens, p + np.arange(m), seg, g
+                targets[r, t:t + m - 1] = s.tokens[1:]
+                loss_mask[r, t + m - 1 - min(s.n_loss, m - 1):t + m - 1] = 1.0
+                t += m
+    return Packed(SeqBatch(ids, targets, loss_mask, positions, segments), groups)
+
+
+def power_of_two_at_least(length: int, smallest: int) -> int:
+    """The smallest power of two >= `length`, and at least `smallest`."""
+    return max(smallest, 1 << max(0, length - 1).bit_length())
+
+
+def bucket_length(length: int, max_len: int | None = None, sizes: Sequence[int] | None = None,
+                  smallest: int = 16) -> int:
+    """The padded length for rows of `length` tokens: the smallest bucket that holds them, else `max_len`.
+
+    Buckets are `sizes` when given, else powers of two from `smallest`; buckets >= `max_len` give way to
+    `max_len` itself, so a bounded policy yields only a few shapes.
+    """
+    if sizes is None:
+        b = power_of_two_at_least(length, smallest)
+        return min(b, max_len) if max_len else b
+    fits = [b for b in sizes if length <= b and (max_len is None or b < max_len)]
+    if not fits and max_len is None:
+        raise ValueError(f"no bucket of {sorted(sizes)} holds {length} tokens")
+    return min(fits) if fits else int(max_len)  # type: ignore[arg-type]
+
+
+def bucket_sizes(max_len: int, smallest: int) -> list[int]:
+    """Every length `bucket_length(., max_len, smallest=smallest)` can give: powers of two, then `max_len`."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return [*out, max_len]
