@@ -90,6 +90,19 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes as a config section (`mesh: {data, fsdp, tensor}`); one may be -1: the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def build(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        """The Mesh these sizes describe over `devices` (default: all)."""
+        return make_mesh(self.data, self.fsdp, self.tensor, devices=devices)
+
+
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
