@@ -250,8 +250,8 @@ def to_host(x: jax.Array) -> np.ndarray:
 class Throttle:
     """Bounds the jitted calls dispatched but not yet fetched: `push` hands the oldest to `fetch` at `limit`.
 
-    jax 0.10.2 deadlocks on CPU meshes when more than ~32 calls with collectives are queued without a wait
-    (docs/NOTES-ENV); every loop that dispatches jitted steps goes through one of these.
+    jax 0.10.2 deadlocks on CPU meshes when more than ~32 calls with collectives are queued without a wait (XLA
+    aborts with a rendezvous timeout; jax 0.12 does not); every loop that dispatches jitted steps goes through one.
     """
 
     def __init__(self, limit: int, fetch: Callable[[Any], None]) -> None:
