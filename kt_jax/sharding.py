@@ -273,15 +273,3 @@ class Throttle:
 
     def __len__(self) -> int:
         return len(self._pending)
-
-
-def add_mesh_arguments(parser: Any) -> None:
-    """--mesh-data/--mesh-fsdp/--mesh-tensor options (one may be -1: all remaining devices)."""
-    parser.add_argument("--mesh-data", type=int, default=1, help="data-parallel axis size")
-    parser.add_argument("--mesh-fsdp", type=int, default=-1, help="FSDP axis size (-1: remaining devices)")
-    parser.add_argument("--mesh-tensor", type=int, default=1, help="tensor-parallel axis size")
-
-
-def mesh_from_args(args: Any) -> Mesh:
-    """The Mesh named by add_mesh_arguments' options."""
-    return make_mesh(args.mesh_data, args.mesh_fsdp, args.mesh_tensor)

@@ -5,22 +5,25 @@ from __future__ import annotations
 import argparse
 import time
 
-from kt_jax.sharding import add_mesh_arguments, mesh_from_args
+from kt_jax.commands._mesh import add_mesh_arguments, mesh_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options."""
     parser.add_argument("--model", required=True, help="HF Llama directory (config.json + safetensors)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     add_mesh_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Load the checkpoint and print its config and parameter layout."""
     import jax
     from flax import nnx
 
     from kt_jax.model.hf import load_pretrained
 
     mesh = mesh_from_args(args)
+    assert mesh is not None  # the options are not optional here
     start = time.perf_counter()
     model = load_pretrained(args.model, mesh=mesh, dtype=args.dtype)
     seconds = time.perf_counter() - start
