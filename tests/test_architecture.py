@@ -36,7 +36,6 @@ KNOWN: dict[str, set[str]] = {
         "kt_jax.pipeline: calls add_arguments()",
         "kt_jax.pipeline: calls parse_args()",
         "kt_jax.pipeline: imports argparse",
-        "kt_jax.sharding: calls add_argument()",
         "kt_jax.world.pretrain: calls add_argument()",
         "kt_jax.world.pretrain: calls parse_args()",
         "kt_jax.world.pretrain: imports argparse",
