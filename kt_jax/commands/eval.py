@@ -1,15 +1,20 @@
-"""`kt-jax eval`: METEOR / ROUGE-L / BERTScore per system, LLM-judged win/tie/lose and fact checks, report.md."""
+"""`kt-jax eval`: METEOR / ROUGE-L / BERTScore per system, LLM-judged win/tie/lose and fact checks, report.md.
+
+The work is `kt_jax.eval.job.evaluate_files`; this module turns the command line into its EvalConfig.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
-from typing import Any
+
+from kt_jax.errors import ConfigError
+from kt_jax.eval.job import EvalConfig, evaluate_files, load_predictions
+
+__all__ = ["add_arguments", "config_from_args", "load_predictions", "run"]  # load_predictions: until pipeline moves
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options (one per EvalConfig key)."""
     parser.add_argument("--predictions", action="append", required=True, metavar="NAME=PATH",
                         help="a system's predictions.jsonl (from kt-jax generate); repeat for each system")
     parser.add_argument("--baseline", default=None, help="system the others are judged against (default: first)")
@@ -30,8 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _pairs(specs: list[str], what: str) -> dict[str, str]:
-    from kt_jax.errors import ConfigError
-
+    """NAME=VALUE strings as a dict, in order."""
     out = {}
     for spec in specs:
         if "=" not in spec:
@@ -41,105 +45,22 @@ def _pairs(specs: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def load_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a predictions.jsonl, checked for the fields eval needs."""
-    from kt_jax.errors import DataError
-
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: predictions file does not exist")
-    for n, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        missing = [k for k in ("id", "question", "reference", "prediction") if k not in row]
-        if missing:
-            raise DataError(f"{path}: line {n + 1}: missing field(s) {', '.join(missing)}")
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["id"])
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="q")
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The EvalConfig the command line names."""
+    return EvalConfig(predictions=_pairs(args.predictions, "--predictions"), out=args.out, baseline=args.baseline,
+                      limit=args.limit, bertscore=not args.no_bertscore, bertscore_model=args.bertscore_model,
+                      bertscore_layers=args.bertscore_layers, bertscore_idf=args.bertscore_idf, judge=args.judge,
+                      facts=args.facts, backend=args.backend,
+                      backend_options=_pairs(args.backend_option, "--backend-option"), reconcile=args.reconcile,
+                      workers=args.workers)
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from kt_jax.errors import ConfigError
-    from kt_jax.eval.facts import evaluate_facts, fact_summary
-    from kt_jax.eval.judge import judge_pairs, pair_items, position_consistency, win_tie_lose
-    from kt_jax.eval.metrics import BERTScorer, meteor, rouge_l
-    from kt_jax.eval.report import write_report
-
-    systems = {name: load_predictions(path) for name, path in _pairs(args.predictions, "--predictions").items()}
-    if args.limit:
-        systems = {k: v[: args.limit] for k, v in systems.items()}
-    baseline = args.baseline or next(iter(systems))
-    if baseline not in systems:
-        raise ConfigError(f"--baseline {baseline!r} is not one of the systems {sorted(systems)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "backend_option"}
-    config["backend_options"] = sorted(_pairs(args.backend_option, "--backend-option"))  # names only: no secrets
-    (out / "eval_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    start = time.perf_counter()
-
-    metrics: dict[str, dict[str, float]] = {}
-    scorer = None if args.no_bertscore else BERTScorer(args.bertscore_model, args.bertscore_layers,
-                                                       idf=args.bertscore_idf)
-    for name, rows in systems.items():
-        preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-        per = {"meteor": meteor(preds, refs), "rouge_l": rouge_l(preds, refs)}
-        if scorer is not None:
-            per["bertscore_f1"] = scorer.score(preds, refs)["f1"]
-        metrics[name] = {k: float(np.mean(v)) if v else 0.0 for k, v in per.items()}
-        _write_jsonl(out / f"metrics_{name}.jsonl", [{"id": r["id"], **{k: v[i] for k, v in per.items()}}
-                                                    for i, r in enumerate(rows)])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-    judge, consistency, facts = {}, {}, {}
-    if args.judge or args.facts:
-        from kt_jax.knowledge import make_backend
-
-        backend = make_backend(args.backend, **_pairs(args.backend_option, "--backend-option"))
-        if args.judge:
-            for name, rows in systems.items():
-                if name == baseline:
-                    continue
-                items = pair_items(rows, systems[baseline])
-                with _bar(len(items), f"judge {name} vs {baseline}") as bar:
-                    results = judge_pairs(backend, items, rule=args.reconcile, workers=args.workers,
-                                          progress=bar.update)
-                key = f"{name} vs {baseline}"
-                judge[key], consistency[key] = win_tie_lose(results), position_consistency(results)
-                _write_jsonl(out / f"judge_{name}_vs_{baseline}.jsonl",
-                             [{"id": r["id"], **res} for r, res in zip(rows, results, strict=True)])
-        if args.facts:
-            for name, rows in systems.items():
-                with _bar(len(rows), f"facts {name}") as bar:
-                    results = evaluate_facts(backend, [(r["question"], r["prediction"], r["reference"])
-                                                       for r in rows], workers=args.workers, progress=bar.update)
-                facts[name] = fact_summary(results)
-                _write_jsonl(out / f"facts_{name}.jsonl", [{"id": r["id"], **res}
-                                                           for r, res in zip(rows, results, strict=True)])
-        (out / "judge.json").write_text(json.dumps({"win_tie_lose": judge, "orders_agree_pct": consistency,
-                                                    "facts": facts}, indent=2) + "\n")
-
-    meta = {"systems": ", ".join(f"{k} ({len(v)} answers)" for k, v in systems.items()), "baseline": baseline,
-            "judge backend": args.backend if (args.judge or args.facts) else "not used",
-            "BERTScore model": "skipped" if scorer is None else f"{scorer.model_path} (layer {scorer.num_layers})"}
-    report = write_report(out, metrics=metrics, judge=judge, consistency=consistency, facts=facts, meta=meta)
-    print(f"wrote {report} in {time.perf_counter() - start:.1f} s")
-    for name, m in metrics.items():
+    """Evaluate and print the metrics and judge tables."""
+    s = evaluate_files(config_from_args(args))
+    print(f"wrote {s['report']} in {s['seconds']:.1f} s")
+    for name, m in s["metrics"].items():
         print(f"  {name:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    for key, table in judge.items():
+    for key, table in s["judge"].items():
         print(f"  {key}: " + "  ".join(f"{a} {t['win']}/{t['tie']}/{t['lose']}" for a, t in table.items()))
     return 0
