@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from kt_jax.config import save_config, to_dict
-from kt_jax.data.pipeline import DataConfig
 from kt_jax.distributed import is_main_process
 from kt_jax.errors import ConfigError
-from kt_jax.model.lora import LoRAConfig
 from kt_jax.runlock import RunLock
 from kt_jax.runner import Runner
-from kt_jax.train.config import DPOConfig, OptimConfig, TrainConfig
-from kt_jax.train.session import MeshConfig
+from kt_jax.sharding import MeshConfig
+from kt_jax.train.job import TuneConfig
 from kt_jax.world.generator import WorldConfig
 from kt_jax.world.pretrain import PretrainConfig
 
@@ -45,18 +43,6 @@ class KnowledgeStage:
     workers: int = 4
     limit: int | None = None
     max_len: int = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneStage:
-    """One fine-tuning stage (SFT or DPO): the `kt-jax sft/dpo` settings without paths."""
-
-    finetuning: str = "lora"
-    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +77,8 @@ class PipelineConfig:
     tokenizer: str = ""  # default: the base model's directory
     systems: tuple[str, ...] = ("sft", "ka", "knowtuning")
     knowledge: KnowledgeStage = dataclasses.field(default_factory=KnowledgeStage)
-    sft: TuneStage = dataclasses.field(default_factory=TuneStage)
-    dpo: TuneStage = dataclasses.field(default_factory=TuneStage)
+    sft: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+    dpo: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     generate: GenerateStage = dataclasses.field(default_factory=GenerateStage)
     eval: EvalStage = dataclasses.field(default_factory=EvalStage)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -112,13 +98,12 @@ class PipelineConfig:
             raise ConfigError("pretrain: a world needs a pretrain section (or a base_model trained on its corpus)")
 
 
-def _tune_config(stage: TuneStage, cfg: PipelineConfig, *, model: str, tokenizer: str, train_file: str,
+def _tune_config(stage: TuneConfig, cfg: PipelineConfig, *, model: str, tokenizer: str, train_file: str,
                  output_dir: Path, kind: str) -> Any:
-    from kt_jax.train.session import RunConfig
+    from kt_jax.train.job import TrainJobConfig
 
-    return RunConfig(model=model, tokenizer=tokenizer, train_file=train_file, output_dir=str(output_dir),
-                     kind=kind, finetuning=stage.finetuning, lora=stage.lora, data=stage.data, optim=stage.optim,
-                     train=stage.train, dpo=stage.dpo, mesh=cfg.mesh)
+    return TrainJobConfig.of(stage, model=model, tokenizer=tokenizer, train_file=train_file,
+                             output_dir=str(output_dir), kind=kind, mesh=cfg.mesh)
 
 
 def _invoke(command: str, argv: list[str]) -> None:
@@ -214,12 +199,14 @@ class Pipeline:
             from kt_jax.data.tokenizer import load_tokenizer
             from kt_jax.model.hf import load_pretrained
             from kt_jax.sharding import make_mesh
-            from kt_jax.train.session import attach_reference_logps
+            from kt_jax.train.job import ReferenceSpec, attach_reference_logps
 
             mesh = make_mesh(self.cfg.mesh.data, self.cfg.mesh.fsdp, self.cfg.mesh.tensor)
             records, _ = read_records(tune.train_file, "kc")
             model = load_pretrained(self.base_model, mesh=mesh, dtype=jnp.float32)
-            done = attach_reference_logps(model, load_tokenizer(self.tokenizer), records, tune, mesh, out)
+            spec = ReferenceSpec(model=self.base_model, adapters="on", dtype="float32", template=tune.data.template,
+                                 max_len=tune.data.max_len)
+            done = attach_reference_logps(model, load_tokenizer(self.tokenizer), records, spec, mesh, out)
             return {"pairs": len(done)}
 
         self.runner.stage("reference", run, params={"data": tune.data, "base": self.base_model},
@@ -227,14 +214,14 @@ class Pipeline:
 
     # -- training ------------------------------------------------------------------------------------------
     def tune(self, name: str, *, init: str, train_file: str, kind: str) -> str:
-        from kt_jax.train.session import run as train_run
+        from kt_jax.train.job import run_training
 
         stage = self.cfg.dpo if kind == "kc" else self.cfg.sft
         out = self.dir / "train" / name
         tune = _tune_config(stage, self.cfg, model=init, tokenizer=self.tokenizer, train_file=train_file,
                             output_dir=out, kind=kind)
         # Trained by the stage: a killed run resumes from the latest checkpoint inside train/<name>.
-        self.runner.stage(name, lambda: train_run(tune, preference=kind == "kc"), params=to_dict(tune),
+        self.runner.stage(name, lambda: run_training(tune), params=to_dict(tune),
                           inputs=[train_file, init], outputs=[out / "export" / "config.json"])
         return str(out / "export")
 

@@ -66,12 +66,12 @@ def _config(world: Path, out: Path, **extra) -> Path:
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from kt_jax.config import load_config
-    from kt_jax.train.session import RunConfig, run
+    from kt_jax.train.job import TrainJobConfig, run_training
     kill_at = int(sys.argv[2])
     def on_step(step):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-    run(load_config(RunConfig, sys.argv[1]), preference=False, on_step=on_step)
+    run_training(load_config(TrainJobConfig, sys.argv[1]), on_step=on_step)
 """)
 
 

@@ -14,9 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kt_jax.train.session import RunConfig
-    from kt_jax.train.session import run as run_training
+    from kt_jax.train.job import TrainJobConfig, run_training
 
-    cfg = load_config(RunConfig, args.config, ["kind=kc", *args.overrides])
-    print_summary(run_training(cfg, preference=True))
+    cfg = load_config(TrainJobConfig, args.config, ["kind=kc", *args.overrides])
+    print_summary(run_training(cfg))
     return 0

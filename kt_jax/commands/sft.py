@@ -9,7 +9,7 @@ from kt_jax.config import OVERRIDE_HELP, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML run config (kt_jax.train.session.RunConfig)")
+    parser.add_argument("--config", required=True, help="YAML train job config (kt_jax.train.job.TrainJobConfig)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help=f"{OVERRIDE_HELP}; e.g. optim.learning_rate=1e-4")
 
@@ -30,9 +30,11 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kt_jax.train.session import RunConfig
-    from kt_jax.train.session import run as run_training
+    from kt_jax.errors import ConfigError
+    from kt_jax.train.job import TrainJobConfig, run_training
 
-    cfg = load_config(RunConfig, args.config, args.overrides)
-    print_summary(run_training(cfg, preference=False))
+    cfg = load_config(TrainJobConfig, args.config, args.overrides)
+    if cfg.kind == "kc":
+        raise ConfigError("kind: 'kc' (preference pairs) trains with `kt-jax dpo`; `kt-jax sft` takes qa or ka")
+    print_summary(run_training(cfg))
     return 0

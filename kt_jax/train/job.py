@@ -1,8 +1,9 @@
-"""One SFT or DPO run end to end: config -> model (+LoRA) -> data -> reference log-probs -> train -> best -> export.
+"""One SFT or DPO run: typed config -> model (+LoRA) -> data -> reference log-probs -> train -> export.
 
-Run directory layout: `config.yaml` (resolved), `metrics.jsonl`, `tb/`, `checkpoints/{latest,best}/`,
-`kc_with_ref.jsonl` (DPO: the pairs with their reference log-probs, computed once), `export/` (HF directory, LoRA
-merged, best parameters), `summary.json`. Re-running the same command resumes from the latest checkpoint.
+Output directory: `config.yaml` (resolved), `metrics.jsonl`, `tb/`, `checkpoints/{latest,best}/`,
+`kc_with_ref.jsonl` (DPO: the pairs with their reference log-probs, computed once, stamped with the model that
+computed them), `export/` (HF directory, LoRA merged), `summary.json`. Running the same config again resumes from
+the latest checkpoint; a different config refuses to touch another config's checkpoints.
 """
 
 from __future__ import annotations
@@ -17,53 +18,67 @@ from typing import Any
 import numpy as np
 
 from kt_jax.config import config_hash, save_config, to_dict
+from kt_jax.data.batch import Task
 from kt_jax.data.pipeline import DataConfig
 from kt_jax.errors import ConfigError, DataError
 from kt_jax.model.lora import LoRAConfig
+from kt_jax.sharding import MeshConfig
 from kt_jax.train.config import DPOConfig, OptimConfig, TrainConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh axis sizes (one may be -1: the remaining devices)."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+KIND_TASK = {"qa": Task.SFT, "ka": Task.SFT, "kc": Task.DPO}  # record kind of the train file -> objective
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """`kt-jax sft` / `kt-jax dpo` config (YAML + dotted overrides)."""
+class TuneConfig:
+    """How to fine-tune (no paths): the `sft:` / `dpo:` sections of `kt-jax run`, and the body of a train job."""
 
-    model: str = ""
-    train_file: str = ""
-    output_dir: str = ""
-    tokenizer: str | None = None
-    kind: str = "ka"  # record kind of train_file: qa | ka (SFT) or kc (DPO)
     finetuning: str = "lora"  # lora | full
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad field."""
+        if self.finetuning not in ("lora", "full"):
+            raise ConfigError(f"finetuning: {self.finetuning!r} is not one of ['lora', 'full']")
+        if self.finetuning == "lora":
+            self.lora.validate()
+        self.train.validate()
+        self.optim.validate()
+        self.dpo.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJobConfig(TuneConfig):
+    """`kt-jax sft` / `kt-jax dpo`: a TuneConfig plus the paths, the record kind and the mesh (YAML + overrides)."""
+
+    model: str = ""
+    train_file: str = ""
+    output_dir: str = ""
+    tokenizer: str | None = None
+    kind: str = "ka"  # record kind of train_file: qa | ka (SFT) or kc (DPO)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     export: bool = True
+
+    @classmethod
+    def of(cls, tune: TuneConfig, **paths: Any) -> TrainJobConfig:
+        """The job that runs `tune` with these paths/kind/mesh."""
+        return cls(**{f.name: getattr(tune, f.name) for f in dataclasses.fields(TuneConfig)}, **paths)
+
+    @property
+    def task(self) -> Task:
+        return KIND_TASK[self.kind]
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad field."""
         for key in ("model", "train_file", "output_dir"):
             if not getattr(self, key):
                 raise ConfigError(f"{key} is required")
-        if self.finetuning not in ("lora", "full"):
-            raise ConfigError(f"finetuning: {self.finetuning!r} is not one of ['lora', 'full']")
-        if self.kind not in ("qa", "ka", "kc"):
-            raise ConfigError(f"kind: {self.kind!r} is not one of ['qa', 'ka', 'kc']")
-        if self.finetuning == "lora":
-            self.lora.validate()
-        self.train.validate()
-        self.optim.validate()
-        self.dpo.validate()
+        if self.kind not in KIND_TASK:
+            raise ConfigError(f"kind: {self.kind!r} is not one of {sorted(KIND_TASK)}")
+        super().validate()
 
 
 def split_eval(records: list[Any], eval_rows: int, seed: int) -> tuple[list[Any], list[Any]]:
@@ -74,109 +89,129 @@ def split_eval(records: list[Any], eval_rows: int, seed: int) -> tuple[list[Any]
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
-def count_batches(records: list[Any], tok: Any, cfg: DataConfig, preference: bool) -> int:
+def count_batches(records: list[Any], tok: Any, cfg: DataConfig, task: Task) -> int:
     """Host batches in one epoch of `records` (tokenizes them once)."""
-    from kt_jax.data.batch import Task
     from kt_jax.data.pipeline import make_dataset
 
-    task = Task.DPO if preference else Task.SFT
     it = iter(make_dataset(records, tok, dataclasses.replace(cfg, num_epochs=1), task=task))
     return sum(1 for _ in it)
 
 
-def attach_reference_logps(model: Any, tok: Any, records: list[Any], cfg: RunConfig, mesh: Any,
+@dataclasses.dataclass(frozen=True)
+class ReferenceSpec:
+    """What determines reference log-probs: the model (path, LoRA on/off, compute dtype) and the prompt build."""
+
+    model: str
+    adapters: str  # "off" (reference = base under the LoRA) | "on" (the initial weights as loaded)
+    dtype: str
+    template: str
+    max_len: int
+
+
+def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: ReferenceSpec, mesh: Any,
                            out_path: Path) -> list[Any]:
-    """KC records with `ref_*_logp` filled by one scoring pass (reference = base with LoRA off, or the init)."""
+    """KC records with `ref_*_logp` filled by one scoring pass of `model` (reused when `out_path` has them).
+
+    `out_path` is stamped with `spec`: pairs scored by another model, dtype or prompt are computed again.
+    """
     from kt_jax.data.records import read_records, write_records
     from kt_jax.data.templates import alpaca_prompt
     from kt_jax.model.lora import lora_disabled
     from kt_jax.scoring import sequence_logprobs
 
-    if out_path.exists():
+    stamp_path = out_path.with_name(out_path.name + ".stamp.json")
+    stamp = to_dict(spec)
+    if out_path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         cached, _ = read_records(out_path, "kc")
         if len(cached) == len(records) and all(
-                (a.question, a.chosen, a.rejected) == (b.question, b.chosen, b.rejected)
+                (a.question, a.input, a.chosen, a.rejected) == (b.question, b.input, b.chosen, b.rejected)
                 for a, b in zip(cached, records, strict=True)):
             return cached
     todo = [i for i, r in enumerate(records) if r.ref_chosen_logp is None or r.ref_rejected_logp is None]
-    if todo:
-        pairs = []
-        for i in todo:
-            prompt = alpaca_prompt(records[i].question, records[i].input, cfg.data.template)
-            pairs += [(prompt, records[i].chosen), (prompt, records[i].rejected)]
-        if cfg.dpo.reference == "base":
-            with lora_disabled(model):
-                scores = sequence_logprobs(model, tok, pairs, max_len=cfg.data.max_len, mesh=mesh, progress=True)
-        else:
-            scores = sequence_logprobs(model, tok, pairs, max_len=cfg.data.max_len, mesh=mesh, progress=True)
-        records = list(records)
-        for j, i in enumerate(todo):
-            records[i] = dataclasses.replace(records[i], ref_chosen_logp=scores[2 * j][0],
-                                             ref_rejected_logp=scores[2 * j + 1][0])
+    if not todo:
+        return records  # the input file carries them (e.g. `kt-jax run`'s reference stage)
+    pairs = []
+    for i in todo:
+        prompt = alpaca_prompt(records[i].question, records[i].input, spec.template)
+        pairs += [(prompt, records[i].chosen), (prompt, records[i].rejected)]
+    if spec.adapters == "off":
+        with lora_disabled(model):
+            scores = sequence_logprobs(model, tok, pairs, max_len=spec.max_len, mesh=mesh, progress=True)
+    else:
+        scores = sequence_logprobs(model, tok, pairs, max_len=spec.max_len, mesh=mesh, progress=True)
+    records = list(records)
+    for j, i in enumerate(todo):
+        records[i] = dataclasses.replace(records[i], ref_chosen_logp=scores[2 * j][0],
+                                         ref_rejected_logp=scores[2 * j + 1][0])
     write_records(out_path, records)
+    stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
     return records
 
 
-def run(cfg: RunConfig, *, preference: bool, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train per `cfg` (SFT, or DPO with `preference=True`); returns the summary written to summary.json."""
-    import jax
+def _check_output_dir(cfg: TrainJobConfig, run_dir: Path) -> None:
+    """Refuse to resume another config's checkpoints; record this config."""
+    stamp = run_dir / "config.hash"
+    if stamp.exists() and stamp.read_text().strip() != config_hash(cfg) and (
+            run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {run_dir} holds checkpoints of a different config; use a new "
+                          "output_dir")
+    save_config(cfg, run_dir / "config.yaml")
+    stamp.write_text(config_hash(cfg) + "\n")
 
-    from kt_jax.data.batch import Task
+
+def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[int], None] | None = None
+                 ) -> dict[str, Any]:
+    """Train per `cfg` on `mesh` (default: cfg.mesh): SFT for qa/ka records, DPO for kc; returns summary.json."""
+    import jax
+    import jax.numpy as jnp
+
     from kt_jax.data.pipeline import make_dataset
     from kt_jax.data.records import read_records
     from kt_jax.data.tokenizer import load_tokenizer
     from kt_jax.model.hf import load_pretrained, save_pretrained
     from kt_jax.model.lora import apply_lora, merge_lora
-    from kt_jax.sharding import make_mesh
     from kt_jax.train.loop import train
     from kt_jax.train.optimizer import lr_schedule, make_optimizer
     from kt_jax.train.state import create_state
     from kt_jax.train.steps import make_dpo_loss, make_eval_step, make_sft_loss, make_train_step
 
     cfg.validate()
-    if preference != (cfg.kind == "kc"):
-        raise ConfigError(f"kind: {cfg.kind!r} does not fit {'dpo (needs kc)' if preference else 'sft (qa or ka)'}")
+    task = cfg.task
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.yaml"
-    stamp = run_dir / "config.hash"
-    changed = stamp.exists() and stamp.read_text().strip() != config_hash(cfg)
-    if changed and (run_dir / "checkpoints" / "latest").exists():
-        raise ConfigError(f"{cfg_path}: {run_dir} holds checkpoints of a different config; use a new output_dir")
-    save_config(cfg, cfg_path)
-    stamp.write_text(config_hash(cfg) + "\n")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    _check_output_dir(cfg, run_dir)
+    mesh = mesh if mesh is not None else cfg.mesh.build()
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     records, report = read_records(cfg.train_file, cfg.kind)
     if not records:
         raise DataError(f"{cfg.train_file}: no records")
-    import jax.numpy as jnp
-
     model = load_pretrained(cfg.model, mesh=mesh, dtype=getattr(jnp, cfg.train.compute_dtype),
                             param_dtype=getattr(jnp, cfg.train.param_dtype), remat=cfg.train.remat)
     if cfg.finetuning == "lora":
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    if preference:
-        records = attach_reference_logps(model, tok, records, cfg, mesh, run_dir / "kc_with_ref.jsonl")
+    if task is Task.DPO:
+        spec = ReferenceSpec(model=str(Path(cfg.model).resolve()),
+                             adapters="off" if cfg.dpo.reference == "base" else "on",
+                             dtype=cfg.train.compute_dtype, template=cfg.data.template, max_len=cfg.data.max_len)
+        records = attach_reference_logps(model, tok, records, spec, mesh, run_dir / "kc_with_ref.jsonl")
     train_recs, eval_recs = split_eval(records, cfg.train.eval_rows, cfg.train.seed)
-    per_epoch = count_batches(train_recs, tok, cfg.data, preference)
+    per_epoch = count_batches(train_recs, tok, cfg.data, task)
     if per_epoch == 0:
         raise DataError(f"{cfg.train_file}: no training batch: every row was skipped (longer than data.max_len="
                         f"{cfg.data.max_len} under data.overlength={cfg.data.overlength!r})")
     total = cfg.train.num_steps or max(1, math.floor(cfg.train.num_epochs * per_epoch / cfg.train.grad_accum))
     data_cfg = dataclasses.replace(cfg.data, num_epochs=None)  # the step count ends the run
-    task = Task.DPO if preference else Task.SFT
     data = iter(make_dataset(train_recs, tok, data_cfg, task=task))
     eval_cfg = dataclasses.replace(cfg.data, shuffle=False, num_epochs=1)
     eval_data = (lambda: iter(make_dataset(eval_recs, tok, eval_cfg, task=task))) if eval_recs else None
     tx = make_optimizer(cfg.optim, total)
     ts = create_state(model, tx, mesh)
-    loss_fn = make_dpo_loss(cfg.dpo, cfg.train.chunk_size) if preference else make_sft_loss(cfg.train.chunk_size)
+    loss_fn = make_dpo_loss(cfg.dpo, cfg.train.chunk_size) if task is Task.DPO else make_sft_loss(cfg.train.chunk_size)
     result = train(ts, make_train_step(ts, tx, loss_fn), data, cfg=cfg.train, total_steps=total, run_dir=run_dir,
                    mesh=mesh, eval_step=make_eval_step(ts, loss_fn), eval_data=eval_data,
                    lr_fn=lr_schedule(cfg.optim, total), on_step=on_step)
     summary: dict[str, Any] = {
-        "mode": "dpo" if preference else "sft", "finetuning": cfg.finetuning, "steps": result.steps,
+        "mode": task.name.lower(), "finetuning": cfg.finetuning, "steps": result.steps,
         "total_steps": total, "resumed_from": result.resumed_from, "train_rows": len(train_recs),
         "eval_rows": len(eval_recs), "records": report.summary(), "trainable_params": ts.num_trainable(),
         "last": result.last_metrics, "best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
