@@ -123,3 +123,68 @@ def test_model_scorer_end_to_end(data, tmp_path, capsys) -> None:
                                 for r in rows], progress=False)
     for r, e in zip(rows, expect, strict=True):
         assert r["perplexities"] == pytest.approx(e, rel=1e-5) and all(math.isfinite(p) for p in e)
+
+
+def _tiny_model(tmp_path):
+    from helpers.hf_fixtures import LLAMA2_TINY, make_hf_llama
+
+    from kt_jax.data.templates import alpaca_prompt
+    from kt_jax.data.tokenizer import train_bpe_tokenizer
+
+    model_dir = make_hf_llama(tmp_path / "m", seed=5, **{**LLAMA2_TINY, "vocab_size": 320})
+    train_bpe_tokenizer([r["instruction"] + " " + r["output"] for r in ROWS] * 20 + [alpaca_prompt("x")] * 5, 320,
+                        model_dir)
+    return model_dir
+
+
+@pytest.mark.slow
+def test_model_scorer_runs_on_the_given_mesh_and_dtype_and_reuses_scored_rows(data, tmp_path, monkeypatch) -> None:
+    import jax
+    from flax import nnx
+
+    import kt_jax.model.hf as hf
+    import kt_jax.scoring as scoring
+    from kt_jax.data.tokenizer import load_tokenizer
+    from kt_jax.knowledge.job import KnowledgeConfig, build_knowledge
+    from kt_jax.sharding import make_mesh
+
+    model_dir = _tiny_model(tmp_path)
+    loads, calls = [], []
+    real_load, real_score = hf.load_pretrained, scoring.fact_perplexities
+
+    def load(path, mesh=None, dtype="float32", **kwargs):
+        loads.append((mesh, dtype))
+        model = real_load(path, mesh=mesh, dtype=dtype, **kwargs)
+        params = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert all(p.sharding.mesh.shape == mesh.shape for p in params)  # loaded straight onto the mesh
+        assert any("tensor" in str(p.sharding.spec) for p in params) and model.config.dtype == dtype
+        return model
+
+    def score(model, tokenizer, items, **kwargs):
+        calls.append((kwargs.get("mesh"), len(items)))
+        return real_score(model, tokenizer, items, **kwargs)
+
+    monkeypatch.setattr(hf, "load_pretrained", load)
+    monkeypatch.setattr(scoring, "fact_perplexities", score)
+    mesh = make_mesh(2, 1, 4)
+    out = tmp_path / "run"
+    cfg = KnowledgeConfig(data=str(data), out=str(out), model=str(model_dir))
+    summary = build_knowledge(cfg, stage="augment", mesh=mesh, dtype="float32", progress=False)
+    assert loads == [(mesh, "float32")] and calls == [(mesh, 3)] and summary["stats"]["KA rewritten"] == 3
+    rows = _read(out / "scored.jsonl")
+    expect = real_score(real_load(model_dir), load_tokenizer(model_dir),
+                        [(r["question"] if not r["input"] else f"{r['question']}\n{r['input']}", r["facts"])
+                         for r in rows], progress=False)
+    for r, e in zip(rows, expect, strict=True):  # sharded scoring gives the single-device numbers
+        assert r["perplexities"] == pytest.approx(e, rel=1e-5)
+    assert json.loads((out / "scored.meta.json").read_text())["stamp"]["dtype"] == "float32"
+    build_knowledge(cfg, stage="augment", mesh=mesh, dtype="float32", progress=False)
+    assert len(loads) == 1  # same facts, scorer and dtype: the perplexities are reused, no model is loaded
+    lines = (out / "scored.jsonl").read_text().splitlines()
+    (out / "scored.jsonl").write_text(lines[0] + "\n" + lines[1][:9])  # killed while writing row 2
+    build_knowledge(cfg, stage="augment", mesh=mesh, dtype="float32", progress=False)
+    assert calls[-1] == (mesh, 3) and _read(out / "scored.jsonl") == rows  # rescored in one call: the same bits
+    build_knowledge(cfg, stage="augment", mesh=mesh, dtype="bfloat16", progress=False)
+    assert loads[-1] == (mesh, "bfloat16") and calls[-1] == (mesh, 3)  # another dtype: every row is rescored
+    bf16 = _read(out / "scored.jsonl")
+    assert [r["id"] for r in bf16] == [r["id"] for r in rows] and bf16 != rows

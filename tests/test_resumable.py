@@ -106,3 +106,14 @@ def test_ascii_and_unicode_output(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="done"):
         ResumableJsonl(tmp_path / "x.jsonl", stamp={}, what="rows").append([{}])
     assert differing_keys({"a": 1, "b": 2}, {"a": 1, "c": 3}) == ["b", "c"]
+
+
+def test_reset_discards_rows_and_keeps_the_stamp(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    w = _writer(path)
+    w.done(INPUTS, "question")
+    w.append(_out(r) for r in INPUTS[:2])
+    w.reset()
+    assert w.count == 0 and w.rows() == [] and (tmp_path / "out.jsonl.stamp.json").exists()
+    w.append([_out(INPUTS[0])])
+    assert _writer(path).done(INPUTS, "question") == 1

@@ -115,6 +115,11 @@ class ResumableJsonl:
                 self.count += 1
             fh.flush()
 
+    def reset(self) -> None:
+        """Discard every written row (the stamp stays), e.g. to rewrite a partial file in one piece."""
+        self.path.write_text("", encoding="utf-8")
+        self.count = 0
+
     def rows(self) -> list[Row]:
         """Every complete row written so far."""
         if not self.path.exists():

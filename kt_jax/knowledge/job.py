@@ -146,12 +146,13 @@ def _scored(job: _Job, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     info = {"mesh": dict(job.mesh.shape) if job.mesh is not None and cfg.scorer == "model" else None}
     writer = ResumableJsonl(job.out / "scored.jsonl", stamp=stamp, info=info, what="scored facts",
                             stamp_path=job.out / "scored.meta.json", restart=True)
-    done = writer.done(rows, ("id", "question", "input", "facts"))
-    scored = writer.rows()[:done]
-    if done < len(rows):  # the (expensive) perplexities are computed only for rows not yet scored
-        new = score_facts(rows[done:], _scorer(job, rows))
-        writer.append(new)
-        scored += new
+    if writer.done(rows, ("id", "question", "input", "facts")) == len(rows):
+        return writer.rows()  # the (expensive) perplexities are reused
+    # One scoring call over every row, even after a torn write: rows scored in another batch could differ in the
+    # last float bits, and a partial file only comes from a crash while writing, after the scoring finished.
+    scored = score_facts(rows, _scorer(job, rows))
+    writer.reset()
+    writer.append(scored)
     return scored
 
 
