@@ -21,8 +21,8 @@ from kt_jax.errors import ConfigError, DataError
 class EvalConfig:
     """Settings of an evaluation of several systems' predictions (`kt-jax eval`)."""
 
-    predictions: dict[str, str]          # system name -> its predictions.jsonl (from generate), in report order
-    out: str                             # directory for report.md, plots/ and the JSON(L) outputs
+    predictions: dict[str, str] = dataclasses.field(default_factory=dict)  # system -> predictions.jsonl, in order
+    out: str = ""                        # directory for report.md, plots/ and the JSON(L) outputs
     baseline: str | None = None          # system the others are judged against (None: the first)
     limit: int | None = None             # only the first N questions
     bertscore: bool = True               # BERTScore F1 beside METEOR and ROUGE-L

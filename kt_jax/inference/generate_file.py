@@ -27,9 +27,9 @@ DTYPES = ("float32", "bfloat16")
 class GenerateConfig:
     """Settings of a generation pass over a QA test set (`kt-jax generate`)."""
 
-    model: str                           # HF Llama directory (merged/exported checkpoint)
-    data: str                            # QA test set: alpaca JSON/JSONL (instruction, input, output)
-    out: str                             # directory for predictions.jsonl and generate_config.json
+    model: str = ""                      # HF Llama directory (merged/exported checkpoint)
+    data: str = ""                       # QA test set: alpaca JSON/JSONL (instruction, input, output)
+    out: str = ""                        # directory for predictions.jsonl and generate_config.json
     tokenizer: str = ""                  # tokenizer path ("" = the model directory)
     preset: str = "knowtuning"           # knowtuning (T=0.95, top-p 0.7, top-k 50, 512 new tokens) | greedy
     max_new_tokens: int | None = None    # override the preset's new-token limit
