@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -125,3 +126,50 @@ def test_eval_on_real_dolly_answers_ranks_full_answers_above_first_sentences(tmp
     table = judged["win_tie_lose"]["full vs first"]["completeness"]
     assert table["win"] > 15 and table["lose"] == 0
     assert judged["facts"]["full"]["facts_per_answer"] > judged["facts"]["first"]["facts_per_answer"]
+
+
+def test_generate_file_library_call_writes_what_the_command_writes(model_dir, test_set, tmp_path, capsys) -> None:
+    from kt_jax.errors import ConfigError
+    from kt_jax.inference.generate_file import GenerateConfig, generate_file
+    from kt_jax.sharding import make_mesh
+
+    assert _generate(model_dir, test_set, tmp_path / "cli", "--preset", "greedy", "--limit", "3") == 0
+    cfg = GenerateConfig(model=str(model_dir), data=str(test_set), out=str(tmp_path / "lib"), preset="greedy",
+                         max_new_tokens=12, limit=3, batch_size=4, chunk=2)
+    summary = generate_file(cfg, mesh=make_mesh(1, 8, 1), progress=False)
+    assert summary["predictions"] == 3 and summary["new"] == 3 and summary["new_tokens"] > 0
+    cli_text = (tmp_path / "cli" / "predictions.jsonl").read_text()
+    assert (tmp_path / "lib" / "predictions.jsonl").read_text() == cli_text  # byte for byte: the same format
+    assert set(json.loads(cli_text.splitlines()[0])) == {"id", "question", "input", "reference", "prediction",
+                                                         "new_tokens", "finished"}
+    stamp = json.loads((tmp_path / "lib" / "generate_config.json").read_text())
+    assert stamp["stamp"]["sampling"] == {"max_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_k": 0,
+                                          "top_p": 1.0} and stamp["info"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert generate_file(cfg, mesh=None, progress=False)["new"] == 0  # another mesh: nothing to redo
+    with pytest.raises(ConfigError, match="differs in sampling, seed"):
+        generate_file(dataclasses.replace(cfg, temperature=0.7, seed=1), mesh=None, progress=False)
+    with pytest.raises(ConfigError, match="top_p"):
+        generate_file(dataclasses.replace(cfg, top_p=0.0), mesh=None, progress=False)
+    assert "to go" not in capsys.readouterr().out.split("wrote")[-1]  # the library call printed nothing
+
+
+def test_evaluate_files_library_call(tmp_path) -> None:
+    from kt_jax.errors import ConfigError
+    from kt_jax.eval.job import EvalConfig, evaluate_files
+
+    paths = {}
+    for name, cut in (("half", lambda a: a[: len(a) // 2]), ("full", lambda a: a)):
+        paths[name] = str(tmp_path / f"{name}.jsonl")
+        Path(paths[name]).write_text("".join(json.dumps({"id": i, "question": q["instruction"],
+                                                         "reference": q["output"], "prediction": cut(q["output"])})
+                                             + "\n" for i, q in enumerate(QA)))
+    cfg = EvalConfig(predictions=paths, out=str(tmp_path / "eval"), bertscore=False,
+                     backend_options={"cache": "none"})
+    summary = evaluate_files(cfg, progress=False)
+    assert summary["metrics"] == json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["metrics"]["full"]["rouge_l"] == pytest.approx(1.0) and summary["metrics"]["half"]["rouge_l"] < 0.9
+    assert summary["baseline"] == "half" and summary["judge"] == {} and Path(summary["report"]).is_file()
+    recorded = json.loads((tmp_path / "eval" / "eval_config.json").read_text())
+    assert recorded["backend_options"] == ["cache"] and recorded["predictions"] == paths  # option names only
+    with pytest.raises(ConfigError, match="'zzz' is not one of the systems"):
+        evaluate_files(dataclasses.replace(cfg, baseline="zzz"))

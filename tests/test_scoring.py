@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -215,3 +216,33 @@ def test_score_command_errors_name_file_line_and_field(bpe_model_dir, tmp_path, 
                      str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
     assert str(src) in err and "line 2" in err and "'facts'" in err
+
+
+def test_score_file_library_call_on_a_mesh_matches_the_command(bpe_model_dir, tmp_path, capsys) -> None:
+    import json
+
+    from kt_jax import cli
+    from kt_jax.errors import ConfigError
+    from kt_jax.inference.score_file import ScoreConfig, score_file
+    from kt_jax.sharding import make_mesh
+
+    src = tmp_path / "facts.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in FACT_ROWS), encoding="utf-8")
+    assert cli.main(["score", "--model", str(bpe_model_dir), "--input", str(src), "--output",
+                     str(tmp_path / "cli.jsonl")]) == 0  # the default mesh: fsdp over every device
+    cfg = ScoreConfig(model=str(bpe_model_dir), input=str(src), output=str(tmp_path / "lib.jsonl"), packing="packed")
+    summary = score_file(cfg, mesh=make_mesh(2, 1, 4), progress=False)
+    assert summary["rows"] == 4 and summary["new"] == 4 and summary["already"] == 0 and summary["empty"] == 1
+    assert capsys.readouterr().out.count("to go") == 1  # the command prints progress, the quiet library call not
+    cli_rows, lib_rows = ([json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text(encoding="utf-8").splitlines()]
+                          for n in ("cli", "lib"))
+    assert [r["ppl_tokens"] for r in lib_rows] == [r["ppl_tokens"] for r in cli_rows]
+    _assert_same([[math.nan if p is None else p for p in r["ppl"]] for r in lib_rows],
+                 [[math.nan if p is None else p for p in r["ppl"]] for r in cli_rows], rtol=1e-6)
+    stamp = json.loads((tmp_path / "lib.config.json").read_text())
+    assert stamp["stamp"]["max_len"] == 1024 and stamp["info"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert score_file(cfg, mesh=None, progress=False)["new"] == 0  # the mesh and packing never change the rows
+    with pytest.raises(ConfigError, match=r"lib\.config\.json: .*differs in dtype, max_len"):
+        score_file(dataclasses.replace(cfg, max_len=64, dtype="bfloat16"), mesh=None, progress=False)
+    with pytest.raises(ConfigError, match="packing: 'tight'"):
+        score_file(dataclasses.replace(cfg, packing="tight"), mesh=None)
