@@ -38,9 +38,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the key."""
-        if not self.predictions:
-            raise ConfigError("predictions: at least one system (name -> predictions.jsonl) is needed")
-        if self.baseline is not None and self.baseline not in self.predictions:
+        if self.baseline is not None and self.predictions and self.baseline not in self.predictions:
             raise ConfigError(f"--baseline {self.baseline!r} is not one of the systems {sorted(self.predictions)}")
         if self.reconcile not in ("strict", "sum"):
             raise ConfigError(f"reconcile: {self.reconcile!r} is not one of strict, sum")
@@ -130,6 +128,8 @@ def evaluate_files(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     from kt_jax.eval.report import write_report
 
     cfg.validate()
+    if not cfg.predictions:
+        raise ConfigError("predictions: at least one system (name -> predictions.jsonl) is needed")
     systems = {name: load_predictions(path) for name, path in cfg.predictions.items()}
     if cfg.limit:
         systems = {k: v[: cfg.limit] for k, v in systems.items()}
