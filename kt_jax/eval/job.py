@@ -128,8 +128,9 @@ def evaluate_files(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     from kt_jax.eval.report import write_report
 
     cfg.validate()
-    if not cfg.predictions:
-        raise ConfigError("predictions: at least one system (name -> predictions.jsonl) is needed")
+    if not cfg.predictions or not cfg.out:
+        raise ConfigError("predictions and out are required: at least one system (name -> predictions.jsonl) and "
+                          "the output directory")
     systems = {name: load_predictions(path) for name, path in cfg.predictions.items()}
     if cfg.limit:
         systems = {k: v[: cfg.limit] for k, v in systems.items()}

@@ -73,6 +73,8 @@ def generate_file(cfg: GenerateConfig, *, mesh: Mesh | None, progress: bool = Tr
     from kt_jax.model.hf import load_pretrained
 
     cfg.validate()
+    if not (cfg.model and cfg.data and cfg.out):
+        raise ConfigError("model, data and out are required (HF model directory, QA test set, output directory)")
     sampling = cfg.sampling()
     out = Path(cfg.out)
     tokenizer = cfg.tokenizer or cfg.model

@@ -28,9 +28,9 @@ DTYPES = ("float32", "bfloat16")
 class ScoreConfig:
     """Settings of a fact-scoring pass (`kt-jax score`)."""
 
-    model: str                           # HF Llama directory (the model being tuned)
-    input: str                           # facts.jsonl: rows with 'question' and 'facts'
-    output: str                          # scored.jsonl (its config goes to <stem>.config.json)
+    model: str = ""                      # HF Llama directory (the model being tuned); required
+    input: str = ""                      # facts.jsonl: rows with 'question' and 'facts'; required
+    output: str = ""                     # scored.jsonl (its config goes to <stem>.config.json); required
     tokenizer: str = ""                  # tokenizer path ("" = the model directory)
     template: str = "alpaca"             # alpaca | raw: the prompt built from the question
     style: str = "llamafactory-0.5.3"    # alpaca template style
@@ -93,6 +93,8 @@ def score_file(cfg: ScoreConfig, *, mesh: Mesh | None, progress: bool = True) ->
     from kt_jax.scoring import score_facts
 
     cfg.validate()
+    if not (cfg.model and cfg.input and cfg.output):
+        raise ConfigError("model, input and output are required (HF model directory, facts file, scored file)")
     in_path, out_path = Path(cfg.input), Path(cfg.output)
     tokenizer = cfg.tokenizer or cfg.model
     stamp = {"model": cfg.model, "tokenizer": tokenizer, "input": str(in_path), "template": cfg.template,
