@@ -31,20 +31,11 @@ KNOWN: dict[str, set[str]] = {
     "cycles": set(),
     "oversize": set(),
     "argv": {
-        "kt_jax.pipeline: builds an argv",
-        "kt_jax.pipeline: calls _invoke()",
-        "kt_jax.pipeline: calls add_arguments()",
-        "kt_jax.pipeline: calls parse_args()",
-        "kt_jax.pipeline: imports argparse",
         "kt_jax.world.pretrain: calls add_argument()",
         "kt_jax.world.pretrain: calls parse_args()",
         "kt_jax.world.pretrain: imports argparse",
     },
-    "cli_imports": {
-        "kt_jax.pipeline: imports kt_jax.cli",
-        "kt_jax.pipeline: imports kt_jax.commands.eval",
-        "kt_jax.pipeline: imports kt_jax.commands.knowledge",
-    },
+    "cli_imports": set(),
 }
 
 

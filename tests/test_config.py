@@ -51,7 +51,7 @@ def test_errors_name_key_and_file(tmp_path) -> None:
 
 
 def test_override_merges_or_replaces_a_mapping(tmp_path) -> None:
-    from kt_jax.pipeline import PipelineConfig
+    from kt_jax.workflow.config import PipelineConfig
 
     f = tmp_path / "c.yaml"
     f.write_text("train_file: a\ntest_file: b\nbase_model: c\n"

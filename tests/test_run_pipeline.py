@@ -14,7 +14,7 @@ import pytest
 
 from kt_jax.config import load_config
 from kt_jax.errors import ConfigError
-from kt_jax.pipeline import PipelineConfig
+from kt_jax.workflow.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Smaller than configs/world-ci.yaml's own sizes: this test checks the mechanics, not the method's effect.

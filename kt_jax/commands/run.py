@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
 
     from kt_jax.config import load_config
     from kt_jax.distributed import initialize_from_env, is_main_process, setup_logging
-    from kt_jax.pipeline import SYSTEM_LABELS, Pipeline, PipelineConfig
+    from kt_jax.workflow.config import SYSTEM_LABELS, PipelineConfig
+    from kt_jax.workflow.stages import Pipeline
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)  # config errors before any cluster set-up
     initialize_from_env()  # multi-process JAX when launched so (KT_JAX_* variables, or auto on TPU VMs)

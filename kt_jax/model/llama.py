@@ -276,10 +276,7 @@ class Llama(nnx.Module):
         mask = attention_mask(segment_ids_BxT, attn_mask_BxTxT, b, t)
         x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
         for block in self.layers:
-            if cfg.remat:
-                x = _rematerialised(block, x, cos, sin, mask)
-            else:
-                x = block(x, cos, sin, mask)
+            x = _rematerialised(block, x, cos, sin, mask) if cfg.remat else block(x, cos, sin, mask)
             x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
         return self.norm(x)
 

@@ -1,0 +1,67 @@
+"""`kt-jax run`'s config: the data source and one section per stage, each section the library's own config class.
+
+The sections are the configs of the library calls the stages make (no copies): `knowledge` is a KnowledgeConfig,
+`sft`/`dpo` are TuneConfigs, `generate` a GenerateConfig, `eval` an EvalConfig. The paths inside them (inputs,
+outputs, models) are the run's to fill; setting one in a run config is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kt_jax.errors import ConfigError
+from kt_jax.eval.job import EvalConfig
+from kt_jax.inference.generate_file import GenerateConfig
+from kt_jax.knowledge.job import KnowledgeConfig
+from kt_jax.sharding import MeshConfig
+from kt_jax.train.job import TuneConfig
+from kt_jax.world.generator import WorldConfig
+from kt_jax.world.pretrain import PretrainConfig
+
+SYSTEMS = ("sft", "ka", "knowtuning", "no_ka")
+SYSTEM_LABELS = {"sft": "SFT", "ka": "KA-SFT (-KC)", "knowtuning": "KnowTuning", "no_ka": "-KA (DPO from SFT)"}
+RUN_FILLED = {"knowledge": ("data", "out", "model", "tokenizer"), "generate": ("model", "data", "out", "tokenizer"),
+              "eval": ("predictions", "out")}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """`kt-jax run` config: data source (a generated world, or QA files + a HF base model) and every stage."""
+
+    name: str = "run"
+    run_dir: str = ""  # default: runs/<name>
+    world: WorldConfig | None = None
+    pretrain: PretrainConfig | None = None
+    train_file: str = ""  # alpaca QA (when there is no world)
+    test_file: str = ""
+    base_model: str = ""  # HF Llama directory (when there is no world)
+    tokenizer: str = ""  # default: the base model's directory
+    systems: tuple[str, ...] = ("sft", "ka", "knowtuning")
+    knowledge: KnowledgeConfig = dataclasses.field(default_factory=KnowledgeConfig)
+    sft: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+    dpo: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=lambda: EvalConfig(bertscore=False))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad key."""
+        bad = sorted(set(self.systems) - set(SYSTEMS))
+        if bad:
+            raise ConfigError(f"systems: unknown {bad}; choose from {list(SYSTEMS)}")
+        if "sft" not in self.systems:
+            raise ConfigError("systems: 'sft' (the baseline every system is compared with) is required")
+        if self.world is None:
+            missing = [k for k in ("train_file", "test_file", "base_model") if not getattr(self, k)]
+            if missing:
+                raise ConfigError(f"{', '.join(missing)}: required when the config has no world section")
+        elif self.pretrain is None and not self.base_model:
+            raise ConfigError("pretrain: a world needs a pretrain section (or a base_model trained on its corpus)")
+        for section, keys in RUN_FILLED.items():
+            default = type(getattr(self, section))()
+            for key in keys:
+                if getattr(getattr(self, section), key) != getattr(default, key):
+                    raise ConfigError(f"{section}.{key}: set by kt-jax run (from train_file/test_file/base_model and "
+                                      "the run directory); remove it from the config")
+        self.sft.validate()
+        self.dpo.validate()
