@@ -10,7 +10,6 @@ alpaca template builds the training prompt from instruction + input. Each output
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -55,28 +54,27 @@ class ScoreConfig:
 
 
 def read_fact_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a facts JSONL file, validated; errors name the file, line and field."""
+    """Rows of a facts file (.jsonl, or a .json array), validated; errors name the file, line and field."""
+    from kt_jax.data.records import read_rows
+
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("question"), str):
-                raise DataError(f"{path}: line {line_no}: field 'question' must be a string")
-            if not isinstance(row.get("input", ""), str):
-                raise DataError(f"{path}: line {line_no}: field 'input' must be a string when present")
-            facts = row.get("facts")
-            if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
-                raise DataError(f"{path}: line {line_no}: field 'facts' must be a list of strings")
-            rows.append(row)
+    rows = read_rows(path)
+    if path.suffix == ".jsonl":  # errors name the line (read_rows skips blank lines)
+        text = path.read_text(encoding="utf-8")
+        wheres = [f"line {n}" for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    else:
+        wheres = [f"row {i}" for i in range(len(rows))]
+    for row, where in zip(rows, wheres, strict=True):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
+        if not isinstance(row.get("question"), str):
+            raise DataError(f"{path}: {where}: field 'question' must be a string")
+        if not isinstance(row.get("input", ""), str):
+            raise DataError(f"{path}: {where}: field 'input' must be a string when present")
+        facts = row.get("facts")
+        if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
+            raise DataError(f"{path}: {where}: field 'facts' must be a list of strings")
     return rows
 
 
