@@ -188,3 +188,22 @@ def test_model_scorer_runs_on_the_given_mesh_and_dtype_and_reuses_scored_rows(da
     assert loads[-1] == (mesh, "bfloat16") and calls[-1] == (mesh, 3)  # another dtype: every row is rescored
     bf16 = _read(out / "scored.jsonl")
     assert [r["id"] for r in bf16] == [r["id"] for r in rows] and bf16 != rows
+
+
+def test_command_passes_mesh_and_dtype_to_the_library(data, tmp_path, capsys, monkeypatch) -> None:
+    import kt_jax.commands.knowledge as command
+
+    seen = []
+
+    def fake(cfg, *, stage, mesh, dtype):
+        seen.append((cfg, stage, None if mesh is None else dict(mesh.shape), dtype))
+        return {"stage": stage, "out": cfg.out, "seconds": 0.0, "stats": {"rows": 3}, "backend": "offline: 0 calls"}
+
+    monkeypatch.setattr(command, "build_knowledge", fake)
+    base = ["knowledge", "augment", f"data={data}", f"out={tmp_path}", "alpha=0.3"]
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--dtype", "bfloat16", "--mesh-data", "2", "--mesh-tensor", "4"]) == 0
+    assert [s[1:] for s in seen] == [("augment", None, "float32"),  # no --mesh-*: one device, as before
+                                     ("augment", {"data": 2, "fsdp": 1, "tensor": 4}, "bfloat16")]
+    assert seen[0][0].alpha == 0.3 and seen[0][0].data == str(data)
+    assert "rows: 3" in capsys.readouterr().out
