@@ -17,14 +17,15 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-from jax.sharding import Mesh
+from typing import TYPE_CHECKING, Any
 
 from kt_jax.config import save_config, to_dict
 from kt_jax.data.records import RecordPolicy, read_records, read_rows, to_row, write_rows
 from kt_jax.data.resumable import ResumableJsonl
 from kt_jax.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 STAGES = ("extract", "augment", "compare", "all")
 
