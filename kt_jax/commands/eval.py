@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 
 from kt_jax.errors import ConfigError
-from kt_jax.eval.job import EvalConfig, evaluate_files, load_predictions
-
-__all__ = ["add_arguments", "config_from_args", "load_predictions", "run"]  # load_predictions: until pipeline moves
+from kt_jax.eval.job import EvalConfig, evaluate_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

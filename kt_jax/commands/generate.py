@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 
 from kt_jax.commands._mesh import add_mesh_arguments, mesh_from_args
-from kt_jax.inference.generate_file import DTYPES, PREDICTIONS, PRESETS, GenerateConfig, generate_file
-
-__all__ = ["PREDICTIONS", "add_arguments", "config_from_args", "run"]
+from kt_jax.inference.generate_file import DTYPES, PRESETS, GenerateConfig, generate_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,6 @@ from kt_jax.commands._mesh import add_mesh_arguments, mesh_from_args
 from kt_jax.config import OVERRIDE_HELP, load_config
 from kt_jax.knowledge.job import STAGES, KnowledgeConfig, build_knowledge
 
-__all__ = ["KnowledgeConfig", "add_arguments", "run"]  # KnowledgeConfig: re-exported until kt_jax.pipeline moves
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options: the stage, a YAML config, dotted overrides, and where the model scorer runs."""
