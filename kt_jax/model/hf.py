@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from kt_jax.errors import CheckpointError
 from kt_jax.model.llama import DTYPES, Llama, LlamaConfig, ShardContext
-from kt_jax.sharding import ShardingRules, logical_sharding, variable_axes
+from kt_jax.sharding import logical_sharding, variable_axes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SINGLE_FILE = "model.safetensors"
@@ -163,7 +163,6 @@ def load_pretrained(
     mesh: Mesh | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = None,
-    rules: ShardingRules | None = None,
     remat: bool = False,
 ) -> Llama:
     """Load a HF Llama directory onto `mesh` (each device reads only its own slice of each tensor)."""
@@ -177,7 +176,7 @@ def load_pretrained(
         raise CheckpointError(f"{config_file}: invalid JSON ({e})") from None
     cfg = config_from_hf(hf, str(config_file), dtype=dtype, param_dtype=param_dtype).replace(remat=remat)
     files = _weight_files(path)
-    ctx = ShardContext(mesh, rules or ShardingRules()) if mesh is not None else None
+    ctx = ShardContext(mesh) if mesh is not None else None
     abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), shard_ctx=ctx))
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
@@ -197,7 +196,7 @@ def load_pretrained(
             if mesh is None:
                 sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             else:
-                sharding = logical_sharding(variable_axes(var), shape, mesh, rules, what=name)
+                sharding = logical_sharding(variable_axes(var), shape, mesh, what=name)
             var.set_value(jax.make_array_from_callback(shape, sharding, _slice_reader(tensor, transposed, target)))
     return nnx.merge(graphdef, nnx.from_flat_state(dict(flat)))
 

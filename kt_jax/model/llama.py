@@ -325,11 +325,6 @@ class Llama(nnx.Module):
         out = jnp.dot(hidden_BxTxD, self.lm_head_kernel(), preferred_element_type=jnp.float32)
         return _constrain(self.shard_ctx, out, ("batch", "seq", "act_vocab"))
 
-    def __call__(
-        self,
-        input_ids_BxT: jax.Array,
-        positions_BxT: jax.Array | None = None,
-        segment_ids_BxT: jax.Array | None = None,
-        attn_mask_BxTxT: jax.Array | None = None,
-    ) -> jax.Array:
-        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, segment_ids_BxT, attn_mask_BxTxT))
+    def __call__(self, input_ids_BxT: jax.Array, *args: jax.Array | None, **kwargs: jax.Array | None) -> jax.Array:
+        """Logits [B, T, V] (float32): `logits(hidden_states(...))` with the same arguments."""
+        return self.logits(self.hidden_states(input_ids_BxT, *args, **kwargs))
