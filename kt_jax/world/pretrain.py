@@ -1,29 +1,32 @@
 """Pretrain a tiny Llama on a world's corpus (BPE trained on the corpus, packed next-token LM, AdamW) + recall probe.
 
 `pretrain_world(preset, out_dir)` writes `out_dir/tokenizer/`, `out_dir/model/` (a HF directory transformers
-loads, tokenizer included) and `out_dir/pretrain.json` (sizes, losses, wall time, probe scores).
+loads, tokenizer included) and `out_dir/pretrain.json` (sizes, losses, wall time, probe scores). Training goes
+through `train/` (the SFT loss over every next token, `train.optimizer`, `train.loop`); its checkpoints and
+metrics.jsonl live in `out_dir/train-<hash>/`, so an interrupted pretraining resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import logging
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from kt_jax.errors import ConfigError
+from kt_jax.data.batch import SeqBatch
+from kt_jax.errors import ConfigError, KtJaxError
+from kt_jax.train.config import OptimConfig, TrainConfig
 from kt_jax.world.generator import World, WorldConfig, generate_world
 
-log = logging.getLogger(__name__)
 RESPONSE_MARK = "### Response:\n"
 
 
@@ -65,22 +68,6 @@ class WorldPreset:
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
 
 
-def load_preset(path: str | Path, overrides: Sequence[str] = ()) -> WorldPreset:
-    """The `world:` and `pretrain:` sections of a YAML config (other sections are ignored) + dotted overrides."""
-    import yaml
-
-    from kt_jax.config import deep_merge, from_dict, parse_overrides
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    data = deep_merge({k: v for k, v in data.items() if k in ("world", "pretrain")}, parse_overrides(overrides))
-    return from_dict(WorldPreset, data, str(path))
-
-
 def encode_doc(tok: Any, doc: str) -> list[int]:
     """BOS + doc ids + EOS; an alpaca doc is tokenized as prompt + response continuation, as fine-tuning does."""
     from kt_jax.data.templates import encode_pair
@@ -92,7 +79,7 @@ def encode_doc(tok: Any, doc: str) -> list[int]:
     return ([tok.bos_id] if tok.bos_id is not None else []) + list(tok.encode(doc)) + [tok.eos_id]
 
 
-def pack_rows(docs_ids: Sequence[list[int]], seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def pack_rows(docs_ids: Sequence[list[int]], seq_len: int, rng: np.random.Generator) -> SeqBatch:
     """Shuffle docs and pack them next-fit into [N, seq_len] rows (`data.packing`); every next token is a target."""
     from kt_jax.data.packing import Bins, Segment, pack_arrays
 
@@ -100,74 +87,112 @@ def pack_rows(docs_ids: Sequence[list[int]], seq_len: int, rng: np.random.Genera
     for i in rng.permutation(len(docs_ids)):
         ids = docs_ids[i][:seq_len]
         bins.add(Segment.lm(ids), len(ids))
-    return pack_arrays(bins.bins, seq_len).batch.as_dict()
+    return pack_arrays(bins.bins, seq_len).batch
 
 
-def lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean next-token cross-entropy over `loss_mask` (the shared chunked log-prob code of scoring/training)."""
-    from kt_jax.data.batch import SeqBatch
-    from kt_jax.ops.logprobs import masked_sum
-    from kt_jax.train.steps import batch_logprobs
-
-    total_B, count_B = masked_sum(batch_logprobs(model, SeqBatch(**batch)), batch["loss_mask"])
-    return -total_B.sum() / jnp.maximum(count_B.sum(), 1.0)
-
-
-def build_model(cfg: PretrainConfig, vocab_size: int) -> Any:
-    """A randomly initialised Llama of the configured size."""
-    from kt_jax.model.llama import Llama, LlamaConfig
+def build_model(cfg: PretrainConfig, vocab_size: int, mesh: Mesh | None = None) -> Any:
+    """A randomly initialised Llama of the configured size (parameters laid out on `mesh` by the rules)."""
+    from kt_jax.model.llama import Llama, LlamaConfig, ShardContext
+    from kt_jax.sharding import state_shardings
 
     lcfg = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                        num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_heads,
                        tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=2048)
-    return Llama(lcfg, nnx.Rngs(params=cfg.seed))
+    model = Llama(lcfg, nnx.Rngs(params=cfg.seed), shard_ctx=None if mesh is None else ShardContext(mesh))
+    if mesh is not None:
+        state = nnx.state(model)
+        nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+    return model
 
 
-def train_lm(model: Any, rows_fn: Callable[[int], dict[str, np.ndarray]], cfg: PretrainConfig,
-             progress: bool = False) -> list[float]:
-    """Train `model` in place with AdamW (warmup + cosine); returns the mean loss of every `log_every` steps.
+def optim_config(cfg: PretrainConfig) -> OptimConfig:
+    """Pretraining's AdamW: linear warmup (at least one step) then cosine to lr/10, b2=0.98, global-norm clip 1."""
+    return OptimConfig(learning_rate=cfg.lr, warmup_steps=max(cfg.warmup_steps, 1), end_lr_ratio=0.1,
+                       weight_decay=cfg.weight_decay, b2=0.98, max_grad_norm=1.0)
 
-    `rows_fn(epoch)` gives that epoch's packed rows (a dict of [N, T] arrays); batches are taken in row order.
+
+def train_config(cfg: PretrainConfig, progress: bool = False) -> TrainConfig:
+    """The loop settings of pretraining: `steps` updates, every step's metrics logged, `log_every` steps in flight."""
+    return TrainConfig(num_steps=cfg.steps, log_every=1, max_in_flight=cfg.log_every, compute_dtype="float32",
+                       seed=cfg.seed, tensorboard=False, progress=progress)
+
+
+class LMBatches:
+    """Packed LM batches in a fixed order: epoch e packs the e-th shuffle of the docs; rows are taken in order.
+
+    Yields this process's share of each global batch (`data.batch.SeqBatch`); `get_state`/`set_state` hold the
+    step and replay the order, so a resumed run sees exactly the batches of an uninterrupted one.
     """
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1) or 1, cfg.steps,
-                                               cfg.lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=cfg.weight_decay))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
 
-    @jax.jit
-    def step(params: Any, opt_state: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(lambda p: lm_loss(nnx.merge(graphdef, p, rest), batch))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def __init__(self, docs_ids: Sequence[list[int]], cfg: PretrainConfig, process_index: int = 0,
+                 process_count: int = 1) -> None:
+        if cfg.batch_size % process_count:
+            raise ConfigError(f"pretrain.batch_size={cfg.batch_size} does not split over {process_count} processes")
+        self._docs, self._cfg = docs_ids, cfg
+        per = cfg.batch_size // process_count
+        self._rows = slice(process_index * per, (process_index + 1) * per)
+        self.set_state({"step": 0})
 
-    losses: list[float] = []
-    epoch, pool, cursor = 0, rows_fn(0), 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def get_state(self) -> dict[str, int]:
+        """The number of batches taken."""
+        return {"step": self._step}
 
-        bar = tqdm(total=cfg.steps, desc="pretrain", unit="step")
-    pending = []
-    for i in range(cfg.steps):
-        if cursor + cfg.batch_size > len(pool["input_ids"]):
-            epoch += 1
-            pool, cursor = rows_fn(epoch), 0
-        idx = np.arange(cursor, cursor + cfg.batch_size) % len(pool["input_ids"])
-        cursor += cfg.batch_size
-        params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in pool.items()})
-        pending.append(loss)
-        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
-            value = float(np.mean([float(x) for x in pending]))  # host sync
-            losses.append(value)
-            pending = []
-            if bar is not None:
-                bar.update(i + 1 - bar.n)
-                bar.set_postfix(loss=f"{value:.3f}", epoch=epoch)
-    if bar is not None:
-        bar.close()
-    nnx.update(model, params)
-    return losses
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Rewind to the start and skip `state["step"]` batches."""
+        self._rng = np.random.default_rng(self._cfg.seed)
+        self._pool, self._cursor, self._step = pack_rows(self._docs, self._cfg.seq_len, self._rng), 0, 0
+        for _ in range(int(state["step"])):
+            self._advance()
+
+    def _advance(self) -> np.ndarray:
+        """Row indices of the next global batch (a new epoch is packed when the current one runs out)."""
+        size = self._cfg.batch_size
+        if self._cursor + size > len(self._pool.input_ids):
+            self._pool, self._cursor = pack_rows(self._docs, self._cfg.seq_len, self._rng), 0
+        idx = np.arange(self._cursor, self._cursor + size) % len(self._pool.input_ids)
+        self._cursor += size
+        self._step += 1
+        return idx
+
+    def __iter__(self) -> LMBatches:
+        return self
+
+    def __next__(self) -> SeqBatch:
+        idx = self._advance()[self._rows]
+        return jax.tree.map(lambda x: x[idx], self._pool)
+
+
+def train_lm(model: Any, data: LMBatches, cfg: PretrainConfig, run_dir: str | Path, *, mesh: Mesh | None = None,
+             progress: bool = False) -> tuple[Any, list[float]]:
+    """Train `model` on `data` with `train.loop` (resuming from `run_dir`); (trained model, every step's loss)."""
+    from kt_jax.train.loop import train
+    from kt_jax.train.optimizer import lr_schedule, make_optimizer
+    from kt_jax.train.state import create_state
+    from kt_jax.train.steps import make_sft_loss, make_train_step
+
+    optim = optim_config(cfg)
+    tx = make_optimizer(optim, cfg.steps)
+    ts = create_state(model, tx, mesh)
+    step = make_train_step(ts, tx, make_sft_loss())  # the token-mean CE over loss_mask = every next token
+    train(ts, step, data, cfg=train_config(cfg, progress), total_steps=cfg.steps, run_dir=run_dir, mesh=mesh,
+          lr_fn=lr_schedule(optim, cfg.steps))
+    return ts.model(), step_losses(run_dir, cfg.steps)
+
+
+def step_losses(run_dir: str | Path, steps: int) -> list[float]:
+    """The training loss of steps 1..`steps` from `run_dir/metrics.jsonl`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+    missing = [s for s in range(1, steps + 1) if by_step.get(s) is None]
+    if missing:
+        raise KtJaxError(f"{path}: no finite training loss for steps {missing[:5]}")
+    return [float(by_step[s]) for s in range(1, steps + 1)]
+
+
+def window_means(values: Sequence[float], every: int) -> list[float]:
+    """Means of consecutive windows of `every` values (the last may be shorter)."""
+    return [float(np.mean(values[i:i + every])) for i in range(0, len(values), every)]
 
 
 def recall_probe(model: Any, tok: Any, world: World, entity_ids: Sequence[str], max_new_tokens: int,
@@ -189,8 +214,8 @@ def recall_probe(model: Any, tok: Any, world: World, entity_ids: Sequence[str], 
 
 
 def pretrain_world(preset: WorldPreset, out_dir: str | Path, *, world: World | None = None, probe: bool = True,
-                   progress: bool = False) -> dict[str, Any]:
-    """Train tokenizer + base model on the world's corpus; save both as a HF directory; probe recall."""
+                   progress: bool = False, mesh: Mesh | None = None) -> dict[str, Any]:
+    """Train tokenizer + base model on the world's corpus (on `mesh`); save both as a HF directory; probe recall."""
     from kt_jax.data.tokenizer import train_bpe_tokenizer
     from kt_jax.model.hf import save_pretrained
     from kt_jax.world.render import corpus
@@ -206,10 +231,11 @@ def pretrain_world(preset: WorldPreset, out_dir: str | Path, *, world: World | N
     if longest > cfg.seq_len:
         raise ConfigError(f"pretrain.seq_len={cfg.seq_len} is shorter than the longest corpus document ({longest} "
                           "tokens); raise it")
-    rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg, tok.vocab_size)
+    model = build_model(cfg, tok.vocab_size, mesh)
+    data = LMBatches(docs_ids, cfg, jax.process_index(), jax.process_count())
     t1 = time.perf_counter()
-    losses = train_lm(model, lambda epoch: pack_rows(docs_ids, cfg.seq_len, rng), cfg, progress=progress)
+    model, step_loss = train_lm(model, data, cfg, _run_dir(out, cfg, docs_ids), mesh=mesh, progress=progress)
+    losses = window_means(step_loss, cfg.log_every)
     t2 = time.perf_counter()
     save_pretrained(model, out / "model", copy_tokenizer_from=out / "tokenizer")
     tokens = sum(len(d) for d in docs_ids)
@@ -228,20 +254,18 @@ def pretrain_world(preset: WorldPreset, out_dir: str | Path, *, world: World | N
     return stats
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kt_jax.world.pretrain CONFIG OUT_DIR [key=value ...]`: pretrain and print the probe."""
-    import argparse
+def _run_dir(out: Path, cfg: PretrainConfig, docs_ids: Sequence[list[int]]) -> Path:
+    """`out/train-<hash of the training settings and the encoded corpus>`: checkpoints resume only the same run.
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("config")
-    parser.add_argument("out_dir")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    preset = load_preset(args.config, args.overrides)
-    stats = pretrain_world(preset, args.out_dir, progress=True)
-    print(json.dumps({k: v for k, v in stats.items() if k != "losses"}, indent=1))
-    return 0
+    The probe length and the loss-logging window do not change the trained weights, so they are left out.
+    """
+    from kt_jax.config import config_hash, to_dict
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    trained = to_dict(dataclasses.replace(cfg, probe_max_new_tokens=0, log_every=1))
+    corpus_digest = hashlib.sha256(json.dumps(docs_ids, separators=(",", ":")).encode()).hexdigest()
+    run_dir = out / f"train-{config_hash({'pretrain': trained, 'corpus': corpus_digest})}"
+    if jax.process_index() == 0:
+        for stale in out.glob("train-*"):
+            if stale != run_dir:
+                shutil.rmtree(stale, ignore_errors=True)
+    return run_dir
