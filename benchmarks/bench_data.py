@@ -121,7 +121,7 @@ def main() -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from kt_jax.data.pipeline import DataConfig, length_report, make_dataset
+    from kt_jax.data.loader import DataConfig, length_report, make_dataset
     from kt_jax.data.templates import alpaca_prompt
     from kt_jax.data.tokenizer import train_bpe_tokenizer
     from kt_jax.sharding import make_mesh, to_device

@@ -59,7 +59,7 @@ def main() -> None:
     import transformers
     from common import make_hf_llama  # benchmarks/ is on sys.path: this script's folder
 
-    from kt_jax.generate import SamplingConfig, generate_ids
+    from kt_jax.inference.sampling import SamplingConfig, generate_ids
     from kt_jax.model.hf import load_pretrained
 
     torch.set_num_threads(args.threads)

@@ -98,7 +98,7 @@ def hf_scores(model_dir: Path, pairs: list[tuple[list[int], list[int]]], batch_s
 def kt_scores(model, pairs, *, packing: str, batch_size: int, pack_len: int, max_len: int) -> tuple[list[float], float,
                                                                                                       float, float]:
     """(summed fact log-probs, seconds, executed FLOPs, warm-up/compile seconds) with kt-jax."""
-    from kt_jax import scoring
+    from kt_jax.inference import scoring
 
     opts = dict(max_len=max_len, packing=packing, batch_size=batch_size, pack_len=pack_len)
     calls = scoring.plan(pairs, **opts)

@@ -161,7 +161,7 @@ def case_batch_slices(ctx: Context) -> dict[str, np.ndarray]:
 
 def _grain_batches() -> dict[str, np.ndarray]:
     """Global SFT batches from the Grain pipeline (each process reads its own slice), as sorted rows per step."""
-    from kt_jax.data.pipeline import DataConfig, make_dataset
+    from kt_jax.data.loader import DataConfig, make_dataset
     from kt_jax.data.records import QARecord
     from kt_jax.sharding import to_device
 
@@ -222,7 +222,7 @@ def case_lm_steps(ctx: Context) -> dict[str, np.ndarray]:
     import optax
     from flax import nnx
 
-    from kt_jax.data.pipeline import DataConfig, make_dataset
+    from kt_jax.data.loader import DataConfig, make_dataset
     from kt_jax.model.hf import load_pretrained
     from kt_jax.sharding import to_device
     from kt_jax.train.steps import batch_logprobs
@@ -274,10 +274,10 @@ def _trainer_steps(ctx: Context, preference: bool, resume: bool = False) -> dict
         raise Unavailable(f"kt_jax.train not importable ({e})") from None
     import dataclasses as dc
 
-    from kt_jax.data.pipeline import DataConfig, make_dataset
+    from kt_jax.data.loader import DataConfig, make_dataset
     from kt_jax.data.templates import alpaca_prompt
+    from kt_jax.inference.scoring import sequence_logprobs
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.scoring import sequence_logprobs
 
     mesh = mesh_named("2x4")
     model = apply_lora(load_pretrained(ctx.hf_dir, mesh=mesh), LoRAConfig(rank=4), seed=0)
@@ -378,9 +378,9 @@ SEQ_PAIRS = [("### Instruction:\nSay hi.\n\n### Response:\n", "Hi there."),
 def case_scoring(ctx: Context) -> dict[str, np.ndarray]:
     """Fact perplexities (prefix-shared packing) on both meshes, and DPO reference log-probs (sequence_logprobs)."""
     try:
-        from kt_jax.scoring import fact_perplexities, sequence_logprobs
+        from kt_jax.inference.scoring import fact_perplexities, sequence_logprobs
     except ImportError as e:
-        raise Unavailable(f"kt_jax.scoring not importable ({e})") from None
+        raise Unavailable(f"kt_jax.inference.scoring not importable ({e})") from None
     from kt_jax.model.hf import load_pretrained
 
     out = {}

@@ -12,7 +12,7 @@ from helpers.hf_fixtures import LLAMA2_TINY, make_hf_llama
 from kt_jax import cli
 from kt_jax.data.templates import alpaca_prompt
 from kt_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-from kt_jax.generate import SamplingConfig, generate
+from kt_jax.inference.sampling import SamplingConfig, generate
 from kt_jax.model.hf import load_pretrained
 
 QA = [

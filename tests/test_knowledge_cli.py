@@ -109,8 +109,8 @@ def test_model_scorer_end_to_end(data, tmp_path, capsys) -> None:
 
     from kt_jax.data.templates import alpaca_prompt
     from kt_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from kt_jax.inference.scoring import fact_perplexities
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.scoring import fact_perplexities
 
     model_dir = make_hf_llama(tmp_path / "m", seed=5, **{**LLAMA2_TINY, "vocab_size": 320})
     train_bpe_tokenizer([r["instruction"] + " " + r["output"] for r in ROWS] * 20 + [alpaca_prompt("x")] * 5, 320,
@@ -142,8 +142,8 @@ def test_model_scorer_runs_on_the_given_mesh_and_dtype_and_reuses_scored_rows(da
     import jax
     from flax import nnx
 
+    import kt_jax.inference.scoring as scoring
     import kt_jax.model.hf as hf
-    import kt_jax.scoring as scoring
     from kt_jax.data.tokenizer import load_tokenizer
     from kt_jax.knowledge.job import KnowledgeConfig, build_knowledge
     from kt_jax.sharding import make_mesh

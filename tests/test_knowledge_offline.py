@@ -9,7 +9,7 @@ import pytest
 
 from kt_jax.data.records import QARecord, parse_row, to_row
 from kt_jax.knowledge import make_backend
-from kt_jax.knowledge.augment import build_ka, extract_facts, lexical_scorer, score_facts
+from kt_jax.knowledge.augment import attach_perplexities, build_ka, extract_facts, lexical_scorer
 from kt_jax.knowledge.compare import build_kc
 from kt_jax.knowledge.offline import OfflineBackend, split_facts, split_sentences, verify_by_overlap
 
@@ -71,7 +71,7 @@ def test_dolly_rows_give_facts_ka_pairs_and_valid_kc_triples(tmp_path) -> None:
     fact_rows = extract_facts(b, records)
     assert all(r.get("facts") for r in fact_rows)
     assert sum(len(r["facts"]) for r in fact_rows) > 2 * len(records)
-    ka, ka_rejects = build_ka(b, score_facts(fact_rows, lexical_scorer([r.answer for r in records])))
+    ka, ka_rejects = build_ka(b, attach_perplexities(fact_rows, lexical_scorer([r.answer for r in records])))
     assert not ka_rejects
     assert [k.provenance for k in ka].count("rewritten") == len(records)
     assert all(k.answer.strip() and k.question.strip() for k in ka)

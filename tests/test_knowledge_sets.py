@@ -8,7 +8,7 @@ import pytest
 
 from kt_jax.data.records import KCRecord, QARecord, read_records, write_records
 from kt_jax.errors import DataError
-from kt_jax.knowledge.augment import build_ka, extract_facts, score_facts, select_difficult
+from kt_jax.knowledge.augment import attach_perplexities, build_ka, extract_facts, select_difficult
 from kt_jax.knowledge.compare import build_kc, delete_facts, mix_revised, shuffle_facts
 from kt_jax.knowledge.offline import OfflineBackend
 
@@ -51,7 +51,7 @@ def test_build_ka_uses_the_scorer_and_keeps_provenance() -> None:
         calls.append(items)
         return [[float(len(f)) for f in facts] for _, facts in items]
 
-    scored = score_facts(rows, scorer)
+    scored = attach_perplexities(rows, scorer)
     assert calls[0][2] == ("Sum?\n2+2", ["Two plus two is four."])  # the input travels with the question
     ka, rejects = build_ka(b, scored, alpha=0.5)
     assert b.rewrites[0] == ["Blue scatters most.", "The sun is white."]  # top 2 of 4 by perplexity, in order
@@ -60,7 +60,7 @@ def test_build_ka_uses_the_scorer_and_keeps_provenance() -> None:
     assert rejects == [{"id": 1, "stage": "rewrite", "question": "Bad question?",
                         "reason": "rewrite: invalid answer after 1 attempts: rewrite.question: empty string"}]
     with pytest.raises(DataError, match="1 perplexities for 4 facts"):
-        score_facts(rows, lambda items: [[1.0] for _ in items])
+        attach_perplexities(rows, lambda items: [[1.0] for _ in items])
 
 
 def test_delete_shuffle_revise_rules() -> None:

@@ -79,7 +79,7 @@ def test_typed_batches_are_pytrees_and_stack() -> None:
 
 
 def test_lm_task_batches_count_every_next_token() -> None:
-    from kt_jax.data.pipeline import DataConfig, make_dataset
+    from kt_jax.data.loader import DataConfig, make_dataset
     from kt_jax.data.records import QARecord
 
     class Bytes:

@@ -76,7 +76,7 @@ def test_remat_bf16_compute_lora_sft(llama2_dir) -> None:
 def test_scoring_with_remat_model(llama2_dir) -> None:
     from test_scoring import TOK as tok
 
-    from kt_jax.scoring import sequence_logprobs
+    from kt_jax.inference.scoring import sequence_logprobs
 
     pairs = [("What is X?", "X is a river in the north."), ("Who?", "Nobody at all.")]
     plain = sequence_logprobs(load_pretrained(llama2_dir), tok, pairs, max_len=128)

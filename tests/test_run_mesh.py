@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_knowledge_scoring_and_reference_use_the_run_mesh_and_dtype(tmp_path, monkeypatch) -> None:
     import json
 
+    import kt_jax.inference.scoring as scoring
     import kt_jax.model.hf as hf
-    import kt_jax.scoring as scoring
 
     rows = _rows("dolly", tmp_path)[: TRAIN_ROWS // 2 + TEST_ROWS]
     (tmp_path / "train.json").write_text(json.dumps(rows[:-TEST_ROWS]))

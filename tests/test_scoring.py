@@ -14,8 +14,8 @@ import transformers
 
 from kt_jax.data.packing import bucket_length
 from kt_jax.data.templates import alpaca_prompt, encode_pair
+from kt_jax.inference.scoring import MIN_BUCKET, fact_perplexities, score_facts, sequence_logprobs
 from kt_jax.model.hf import load_pretrained
-from kt_jax.scoring import MIN_BUCKET, fact_perplexities, score_facts, sequence_logprobs
 
 
 class ByteTokenizer:

@@ -162,8 +162,8 @@ def test_dpo_command_end_to_end(world, tmp_path, capsys):
     # the reference is the base model: scoring the base directly gives the stored numbers
     from kt_jax.data.templates import alpaca_prompt
     from kt_jax.data.tokenizer import load_tokenizer
+    from kt_jax.inference.scoring import sequence_logprobs
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.scoring import sequence_logprobs
 
     base = load_pretrained(world / "model")
     got = sequence_logprobs(base, load_tokenizer(world / "model"), [(alpaca_prompt(recs[0].question), recs[0].chosen)],

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from kt_jax.data.resumable import ResumableJsonl
 from kt_jax.errors import ConfigError
-from kt_jax.generate import SamplingConfig
+from kt_jax.inference.sampling import SamplingConfig
 
 PREDICTIONS = "predictions.jsonl"
 CONFIG = "generate_config.json"
@@ -69,7 +69,7 @@ def generate_file(cfg: GenerateConfig, *, mesh: Mesh | None, progress: bool = Tr
     from kt_jax.data.records import read_records
     from kt_jax.data.templates import alpaca_prompt
     from kt_jax.data.tokenizer import load_tokenizer
-    from kt_jax.generate import encode_prompt, generate_ids
+    from kt_jax.inference.sampling import encode_prompt, generate_ids
     from kt_jax.model.hf import load_pretrained
 
     cfg.validate()

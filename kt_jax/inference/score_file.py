@@ -87,8 +87,8 @@ def score_file(cfg: ScoreConfig, *, mesh: Mesh | None, progress: bool = True) ->
     """Score every fact of `cfg.input` on `mesh` in `cfg.dtype`, appending to `cfg.output`; returns a summary."""
     from kt_jax.data.templates import question_text
     from kt_jax.data.tokenizer import load_tokenizer
+    from kt_jax.inference.scoring import score_facts
     from kt_jax.model.hf import load_pretrained
-    from kt_jax.scoring import score_facts
 
     cfg.validate()
     if not (cfg.model and cfg.input and cfg.output):

@@ -2,7 +2,7 @@
 
 The KA set is every original QA pair (provenance "original") plus one fine-grained QA pair per question rewritten
 from its most difficult facts (provenance "rewritten", `source_question` = the original question). A fact's
-difficulty is the model's perplexity of the fact given the question (`kt_jax.scoring.fact_perplexities`, passed
+difficulty is the model's perplexity of the fact given the question (`inference.scoring.fact_perplexities`, passed
 in as a `scorer` so this module never loads a model itself). Top alpha: k = max(1, floor(alpha * n)) facts with the
 highest perplexity, kept in their order in the answer. Items the backend rejects are returned as rejects with
 their reason, never dropped silently.
@@ -52,7 +52,7 @@ def select_difficult(facts: Sequence[str], perplexities: Sequence[float | None],
     return [facts[i] for i in sorted(ranked)]
 
 
-def score_facts(rows: Sequence[dict[str, Any]], scorer: Scorer) -> list[dict[str, Any]]:
+def attach_perplexities(rows: Sequence[dict[str, Any]], scorer: Scorer) -> list[dict[str, Any]]:
     """Rows with `perplexities` added (rows without facts are passed through unchanged)."""
     todo = [r for r in rows if r.get("facts")]
     items = [(question_text(r["question"], r["input"]), r["facts"]) for r in todo]
@@ -135,7 +135,7 @@ def lexical_scorer(texts: Sequence[str]) -> Scorer:
 
 
 def model_scorer(model: Any, tokenizer: Any, **kwargs: Any) -> Scorer:
-    """The paper's scorer: per-fact perplexity under `model` given the question (kt_jax.scoring)."""
-    from kt_jax.scoring import fact_perplexities
+    """The paper's scorer: per-fact perplexity under `model` given the question (kt_jax.inference.scoring)."""
+    from kt_jax.inference.scoring import fact_perplexities
 
     return lambda items: fact_perplexities(model, tokenizer, items, **kwargs)

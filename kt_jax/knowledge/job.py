@@ -42,7 +42,7 @@ class KnowledgeConfig:
     limit: int | None = None             # only the first N rows
     workers: int = 4                     # concurrent backend calls
     alpha: float = 0.5                   # KA: share of facts (highest perplexity) rewritten
-    scorer: str = "model"                # model (kt_jax.scoring fact perplexity) | file | lexical (model-free)
+    scorer: str = "model"                # model (inference.scoring fact perplexity) | file | lexical (model-free)
     scores: str = ""                     # scorer=file: a `kt-jax score` output of facts.jsonl (rows with ppl)
     model: str = ""                      # HF Llama directory for the model scorer
     tokenizer: str = ""                  # tokenizer path ("" = the model directory)
@@ -136,7 +136,7 @@ def _extract(job: _Job) -> list[dict[str, Any]]:
 
 def _scored(job: _Job, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows with perplexities: scored.jsonl reused while its stamp (facts, scorer, dtype) holds, else rebuilt."""
-    from kt_jax.knowledge.augment import score_facts
+    from kt_jax.knowledge.augment import attach_perplexities
 
     cfg = job.cfg
     stamp = {"scorer": cfg.scorer, "model": cfg.model, "tokenizer": cfg.tokenizer, "max_len": cfg.max_len,
@@ -151,7 +151,7 @@ def _scored(job: _Job, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return writer.rows()  # the (expensive) perplexities are reused
     # One scoring call over every row, even after a torn write: rows scored in another batch could differ in the
     # last float bits, and a partial file only comes from a crash while writing, after the scoring finished.
-    scored = score_facts(rows, _scorer(job, rows))
+    scored = attach_perplexities(rows, _scorer(job, rows))
     writer.reset()
     writer.append(scored)
     return scored

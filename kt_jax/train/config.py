@@ -75,7 +75,7 @@ class DPOConfig:
     reference_free: bool = False
     sft_weight: float = 0.2
     sft_reduction: str = "example"
-    reference: str = "base"  # base: the model with LoRA off; init: the initial weights (adapters included)
+    reference: str = "base"  # base: the loaded model with LoRA off; initial_policy: the policy as training starts
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad field."""
@@ -83,8 +83,8 @@ class DPOConfig:
             raise ConfigError(f"dpo.loss_type: {self.loss_type!r} is not one of {LOSS_TYPES}")
         if self.sft_reduction not in SFT_REDUCTIONS:
             raise ConfigError(f"dpo.sft_reduction: {self.sft_reduction!r} is not one of {SFT_REDUCTIONS}")
-        if self.reference not in ("base", "init"):
-            raise ConfigError(f"dpo.reference: {self.reference!r} is not one of ['base', 'init']")
+        if self.reference not in ("base", "initial_policy"):
+            raise ConfigError(f"dpo.reference: {self.reference!r} is not one of ['base', 'initial_policy']")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5): {self.beta}, "
                               f"{self.label_smoothing}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from kt_jax.config import config_hash, save_config, to_dict
 from kt_jax.data.batch import Task
-from kt_jax.data.pipeline import DataConfig
+from kt_jax.data.loader import DataConfig
 from kt_jax.errors import ConfigError, DataError
 from kt_jax.model.lora import LoRAConfig
 from kt_jax.sharding import MeshConfig
@@ -91,7 +91,7 @@ def split_eval(records: list[Any], eval_rows: int, seed: int) -> tuple[list[Any]
 
 def count_batches(records: list[Any], tok: Any, cfg: DataConfig, task: Task) -> int:
     """Host batches in one epoch of `records` (tokenizes them once)."""
-    from kt_jax.data.pipeline import make_dataset
+    from kt_jax.data.loader import make_dataset
 
     it = iter(make_dataset(records, tok, dataclasses.replace(cfg, num_epochs=1), task=task))
     return sum(1 for _ in it)
@@ -102,7 +102,7 @@ class ReferenceSpec:
     """What determines reference log-probs: the model (path, LoRA on/off, compute dtype) and the prompt build."""
 
     model: str
-    adapters: str  # "off" (reference = base under the LoRA) | "on" (the initial weights as loaded)
+    lora: str  # "disabled" (the base model under the adapters) | "as_loaded" (the weights as loaded, adapters too)
     dtype: str
     template: str
     max_len: int
@@ -116,8 +116,8 @@ def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: Refer
     """
     from kt_jax.data.records import read_records, write_records
     from kt_jax.data.templates import alpaca_prompt
+    from kt_jax.inference.scoring import sequence_logprobs
     from kt_jax.model.lora import lora_disabled
-    from kt_jax.scoring import sequence_logprobs
 
     stamp_path = out_path.with_name(out_path.name + ".stamp.json")
     stamp = to_dict(spec)
@@ -134,7 +134,7 @@ def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: Refer
     for i in todo:
         prompt = alpaca_prompt(records[i].question, records[i].input, spec.template)
         pairs += [(prompt, records[i].chosen), (prompt, records[i].rejected)]
-    if spec.adapters == "off":
+    if spec.lora == "disabled":
         with lora_disabled(model):
             scores = sequence_logprobs(model, tok, pairs, max_len=spec.max_len, mesh=mesh, progress=True)
     else:
@@ -165,7 +165,7 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
     import jax
     import jax.numpy as jnp
 
-    from kt_jax.data.pipeline import make_dataset
+    from kt_jax.data.loader import make_dataset
     from kt_jax.data.records import read_records
     from kt_jax.data.tokenizer import load_tokenizer
     from kt_jax.model.hf import load_pretrained, save_pretrained
@@ -191,7 +191,7 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
     if task is Task.DPO:
         spec = ReferenceSpec(model=str(Path(cfg.model).resolve()),
-                             adapters="off" if cfg.dpo.reference == "base" else "on",
+                             lora="disabled" if cfg.dpo.reference == "base" else "as_loaded",
                              dtype=cfg.train.compute_dtype, template=cfg.data.template, max_len=cfg.data.max_len)
         records = attach_reference_logps(model, tok, records, spec, mesh, run_dir / "kc_with_ref.jsonl")
     train_recs, eval_recs = split_eval(records, cfg.train.eval_rows, cfg.train.seed)

@@ -71,7 +71,8 @@ class Pipeline:
         preset = WorldPreset(world=self.cfg.world, pretrain=self.cfg.pretrain)
 
         def run() -> dict[str, Any]:
-            stats = pretrain_world(preset, out, world=World.load(self.dir / "world" / "world.json"), progress=True)
+            stats = pretrain_world(preset, out, world=World.load(self.dir / "world" / "world.json"), progress=True,
+                                   mesh=self._mesh())
             return {k: v for k, v in stats.items() if k != "losses"}
 
         result = self.stages.run("pretrain", run, settings=preset, upstream=["world"],
@@ -102,7 +103,7 @@ class Pipeline:
 
         out = self.dir / "knowledge" / "kc_ref.jsonl"
         data = self.cfg.dpo.data
-        spec = ReferenceSpec(model=self.base_model, adapters="on", dtype=self.cfg.dpo.train.compute_dtype,
+        spec = ReferenceSpec(model=self.base_model, lora="as_loaded", dtype=self.cfg.dpo.train.compute_dtype,
                              template=data.template, max_len=data.max_len)
 
         def run() -> dict[str, Any]:

@@ -199,7 +199,7 @@ def recall_probe(model: Any, tok: Any, world: World, entity_ids: Sequence[str], 
                  batch_size: int = 16) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy answers to "Tell me about X." (alpaca prompt) for `entity_ids`, scored by the exact checker."""
     from kt_jax.data.templates import alpaca_prompt
-    from kt_jax.generate import SamplingConfig, generate
+    from kt_jax.inference.sampling import SamplingConfig, generate
     from kt_jax.world.checker import Checker, summarize
     from kt_jax.world.schema import OVERVIEW_QUESTION
 

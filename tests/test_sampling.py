@@ -12,7 +12,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from kt_jax.data.packing import bucket_length
 from kt_jax.errors import ConfigError
-from kt_jax.generate import MIN_BUCKET, SamplingConfig, filter_logits, generate, generate_ids, next_tokens
+from kt_jax.inference.sampling import MIN_BUCKET, SamplingConfig, filter_logits, generate, generate_ids, next_tokens
 from kt_jax.model.hf import load_pretrained
 
 LENGTHS = (5, 13, 18, 2)  # 18 > 16: the batch spans two prompt buckets when split

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kt_jax.data.batch import PreferenceBatch, SeqBatch, Task
-from kt_jax.data.pipeline import DataConfig, length_report, make_dataset, stream_example
+from kt_jax.data.loader import DataConfig, length_report, make_dataset, stream_example
 from kt_jax.data.records import KCRecord, QARecord, read_records
 from kt_jax.errors import DataError
 from kt_jax.sharding import to_device
