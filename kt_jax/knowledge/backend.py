@@ -37,6 +37,7 @@ class KnowledgeBackend(Protocol):
     def combine(self, question: str, facts: list[str]) -> str: ...
     def judge(self, question: str, reference: str, answer_a: str, answer_b: str) -> dict[str, str]: ...
     def verify(self, question: str, fact: str, reference: str) -> bool: ...
+    def label_fact(self, question: str, fact: str, reference: str) -> str: ...
 
 
 class Rejected(BackendError):
@@ -73,7 +74,7 @@ class CallStats:
 
 
 class CachedBackend:
-    """Base class: the seven operations as cached, validated calls of `_compute(op, data, attempt)`."""
+    """Base class: the operations of `prompts.OPS` as cached, validated calls of `_compute(op, data, attempt)`."""
 
     name = "base"
 
@@ -106,7 +107,7 @@ class CachedBackend:
     # -- the shared call path ---------------------------------------------------------------------------------
     def key(self, op: str, data: dict[str, Any]) -> str:
         """The cache key of one call."""
-        return cache_key(self.name, self.cache_identity(), prompts.PROMPT_VERSION, op, data)
+        return cache_key(self.name, self.cache_identity(), prompts.op_version(op), op, data)
 
     def cached(self, op: str, data: dict[str, Any]) -> tuple[str, Any] | None:
         """The cached ("ok", answer) / ("rejected", reason) of a call, or None if it has not finished."""
@@ -185,6 +186,10 @@ class CachedBackend:
     def verify(self, question: str, fact: str, reference: str) -> bool:
         """Whether `fact` is supported by `reference`."""
         return self.call("verify", {"question": question, "fact": fact, "reference": reference})
+
+    def label_fact(self, question: str, fact: str, reference: str) -> str:
+        """"supported" | "contradicted" | "not_verifiable": `fact` against `reference` and the judge's knowledge."""
+        return self.call("label_fact", {"question": question, "fact": fact, "reference": reference})
 
 
 @dataclass

@@ -12,6 +12,9 @@ right shape and the right kind of contrast, not an LLM's quality.
 - combine: the facts concatenated as sentences.
 - judge / verify: content-word overlap with the reference (recall, precision, order; negation and antonym
   checks for verify).
+- label_fact: supported when verify holds; contradicted when the reference sentence sharing most of the fact's
+  other words gives a different value of the same kind (year, number, name, ...), the opposite polarity or an
+  antonym (what revise produces); otherwise not_verifiable (the rules have no knowledge beyond the reference).
 """
 
 from __future__ import annotations
@@ -177,7 +180,7 @@ class OfflineBackend(CachedBackend):
     """Deterministic rule-based backend (see the module docstring: a low-fidelity stand-in)."""
 
     name = "offline"
-    rules_version = "offline-rules-2"  # the cache's model identity: bump it when a rule changes an answer
+    rules_version = "offline-rules-3"  # the cache's model identity: bump it when a rule changes an answer (3: +label)
 
     def __init__(self, cache: KnowledgeCache | str | Path | bool | None = None, *, dataset: str | Path | None = None,
                  texts: Iterable[str] = (), validation_retries: int = 0, retry_rejects: bool = False):
@@ -224,6 +227,8 @@ class OfflineBackend(CachedBackend):
             return judge_by_overlap(data["reference"], data["answer_a"], data["answer_b"])
         if op == "verify":
             return {"supported": verify_by_overlap(data["fact"], data["reference"])}
+        if op == "label_fact":
+            return {"label": label_by_overlap(data["fact"], data["reference"])}
         raise ValueError(f"unknown operation {op}")
 
     def _rewrite(self, question: str, facts: list[str]) -> tuple[str, str]:
@@ -329,3 +334,33 @@ def verify_by_overlap(fact: str, reference: str, threshold: float = 0.7) -> bool
         return False
     best_words = set(_words(best))
     return not any(ANTONYMS.get(w) in best_words and w not in best_words for w in _words(fact))
+
+
+def _values(text: str) -> dict[str, set[str]]:
+    return {kind: {m.group(0).strip() for m in _matches(kind, text)} for kind in _PATTERNS}
+
+
+def label_by_overlap(fact: str, reference: str, threshold: float = 0.7) -> str:
+    """"supported" | "contradicted" | "not_verifiable" for `fact` against `reference` (see the module docstring)."""
+    if verify_by_overlap(fact, reference, threshold):
+        return "supported"
+    body = re.sub(r"^\s*it is not true that\s+", "", fact, flags=re.IGNORECASE)
+    negated = body != fact  # revise's last resort: "It is not true that <fact>"
+    words = _content(body)
+    if not words:
+        return "not_verifiable"
+    fact_values = _values(body)
+    for sent in split_sentences(reference) or [reference]:
+        sent_values = _values(sent)
+        differ = {v for kind in _PATTERNS if fact_values[kind] - sent_values[kind] and
+                  sent_values[kind] - fact_values[kind] for v in fact_values[kind] ^ sent_values[kind]}
+        value_words = {w for v in differ for w in _words(v)}
+        rest = [w for w in words if w not in value_words and not _NEG.fullmatch(w)]  # polarity is checked below
+        sent_words = set(_words(sent))
+        if not rest or sum(w in sent_words for w in rest) / len(rest) < threshold:
+            continue
+        flipped = bool(_NEG.search(body)) != bool(_NEG.search(sent)) or negated
+        antonym = any(ANTONYMS.get(w) in sent_words and w not in sent_words for w in rest)
+        if differ or flipped or antonym:
+            return "contradicted"
+    return "not_verifiable"

@@ -3,8 +3,9 @@
 Dataset text never becomes instructions: each request carries the fixed instructions of its operation and then the
 row's fields as one JSON object inside `<data>` ... `</data>`. The JSON is escaped so that a row cannot close the
 data block (`<`, `>` and `&` become `\\u003c`, `\\u003e`, `\\u0026`), and the answer must come back through a forced
-tool call whose input is checked against the operation's schema (`validate`). Changing any text or schema here
-must bump `PROMPT_VERSION`: it is part of every cache key.
+tool call whose input is checked against the operation's schema (`validate`). Every cache key holds the prompt
+version of its operation (`op_version`): changing an operation's text or schema must bump its version, which is
+`PROMPT_VERSION` unless `OP_VERSIONS` gives the operation its own (so a new prompt does not invalidate old caches).
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import json
 from typing import Any
 
 PROMPT_VERSION = "kt-knowledge-v1"
-OPS = ("extract", "rewrite", "revise", "rephrase", "combine", "judge", "verify")
+OPS = ("extract", "rewrite", "revise", "rephrase", "combine", "judge", "verify", "label_fact")
+# label_fact v1: FActScore-style three-way label against the reference AND the judge's own knowledge (issue 14);
+# `verify` (v1) checks the reference only, so a true fact the reference omits counts as unsupported there.
+OP_VERSIONS = {"label_fact": "kt-fact-label-v1"}
 VERDICTS = ("A", "B", "tie")
+FACT_LABELS = ("supported", "contradicted", "not_verifiable")
 ASPECTS = ("completeness", "factuality", "logicality")
 
 SYSTEM = (
@@ -62,6 +67,14 @@ INSTRUCTIONS: dict[str, str] = {
         "Task: decide whether the fact is supported by the reference answer (true according to it). "
         "Fields: question, fact, reference."
     ),
+    "label_fact": (
+        "Task: the fact is one atomic statement taken from an answer to the question. Label it using the "
+        "reference answer AND your own reliable knowledge: 'supported' if it is true (the reference states or "
+        "entails it, or, where the reference says nothing about it, well-established knowledge confirms it); "
+        "'contradicted' if the reference or well-established knowledge shows it is false; 'not_verifiable' if "
+        "neither settles it. A fact is not wrong merely because the reference omits it. Fields: question, fact, "
+        "reference."
+    ),
 }
 
 _STR = {"type": "string", "minLength": 1}
@@ -80,6 +93,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
               "required": list(ASPECTS), "additionalProperties": False},
     "verify": {"type": "object", "properties": {"supported": {"type": "boolean"}}, "required": ["supported"],
                "additionalProperties": False},
+    "label_fact": {"type": "object", "properties": {"label": {"type": "string", "enum": list(FACT_LABELS)}},
+                   "required": ["label"], "additionalProperties": False},
 }
 TOOL_DESCRIPTIONS = {
     "extract": "Return the atomic facts of the answer.",
@@ -89,7 +104,13 @@ TOOL_DESCRIPTIONS = {
     "combine": "Return the combined answer.",
     "judge": "Return the verdict for each aspect.",
     "verify": "Return whether the fact is supported by the reference.",
+    "label_fact": "Return the fact's label: supported, contradicted or not_verifiable.",
 }
+
+
+def op_version(op: str) -> str:
+    """The prompt version of `op` (part of its cache keys)."""
+    return OP_VERSIONS.get(op, PROMPT_VERSION)
 
 
 def tool_name(op: str) -> str:
@@ -173,4 +194,6 @@ def parse(op: str, out: dict[str, Any]) -> Any:
         return out["answer"].strip()
     if op == "judge":
         return {a: out[a] for a in ASPECTS}
+    if op == "label_fact":
+        return out["label"]
     return bool(out["supported"])
