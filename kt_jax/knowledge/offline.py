@@ -8,7 +8,8 @@ right shape and the right kind of contrast, not an LLM's quality.
 - revise: per fact, the first edit that applies of: swap a year, money amount, percentage, number, month, weekday
   or named entity for another value of the same kind drawn from the dataset (`dataset=` / `add_texts`), an antonym
   swap, or a negation edit; "It is not true that ..." as the last resort, so every fact changes.
-- rephrase: synonym and contraction rewrites; when none applies, the facts recombined with connectives.
+- rephrase: synonym and contraction rewrites; when none applies, the facts re-joined as sentences (possibly the
+  answer unchanged: no marker phrase is ever added).
 - combine: the facts concatenated as sentences.
 - judge / verify: content-word overlap with the reference (recall, precision, order; negation and antonym
   checks for verify).
@@ -180,7 +181,7 @@ class OfflineBackend(CachedBackend):
     """Deterministic rule-based backend (see the module docstring: a low-fidelity stand-in)."""
 
     name = "offline"
-    rules_version = "offline-rules-3"  # the cache's model identity: bump it when a rule changes an answer (3: +label)
+    rules_version = "offline-rules-4"  # the cache's model identity: bump it when a rule changes answers (4: no marker)
 
     def __init__(self, cache: KnowledgeCache | str | Path | bool | None = None, *, dataset: str | Path | None = None,
                  texts: Iterable[str] = (), validation_retries: int = 0, retry_rejects: bool = False):
@@ -288,7 +289,7 @@ class OfflineBackend(CachedBackend):
         if out.strip() == answer.strip():
             facts = split_facts(answer)
             joined = " ".join(_sentence(f) for f in facts)
-            out = joined if joined.strip() != answer.strip() else f"In short: {answer.strip()}"
+            out = joined  # no rule applies: the answer as it is (a marker phrase would be a style cue DPO learns)
         return out.strip()
 
 
