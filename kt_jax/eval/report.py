@@ -76,6 +76,45 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _facts_section(facts: Mapping[str, Mapping[str, float]], out: Path) -> list[str]:
+    """The fact tables and plots: FActScore-style labels (summaries with `precision_pct`), reference-only checks."""
+    labelled = {s: f for s, f in facts.items() if "precision_pct" in f}
+    checked = {s: f for s, f in facts.items() if "precision_pct" not in f}
+    md: list[str] = []
+    if labelled:
+        md += ["", "## Fine-grained facts, FActScore style (each extracted fact labelled supported, contradicted or "
+               "not verifiable against the reference answer and the judge's own knowledge)", "",
+               "precision = supported / (supported + contradicted); supported / all = supported / every fact "
+               "(over all facts, and the mean over answers: FActScore's score).", "",
+               _table(["system", "answers", "facts / answer", "supported / answer", "contradicted / answer",
+                       "not verifiable / answer", "precision %", "supported / all %", "supported / all % (per answer)"],
+                      [[s, int(f["answers"]), float(f["facts_per_answer"]), float(f["supported_per_answer"]),
+                        float(f["contradicted_per_answer"]), float(f["not_verifiable_per_answer"]),
+                        float(f["precision_pct"]), float(f["supported_pct"]), float(f["supported_pct_macro"])]
+                       for s, f in labelled.items()])]
+        plot_grouped({s: {"facts": f["facts_per_answer"], "supported": f["supported_per_answer"],
+                          "contradicted": f["contradicted_per_answer"]} for s, f in labelled.items()},
+                     "Facts per answer", out / "plots" / "facts_labels.png")
+        plot_grouped({s: {"precision %": f["precision_pct"], "supported / all %": f["supported_pct"]}
+                      for s, f in labelled.items()}, "Fact precision", out / "plots" / "facts_precision.png",
+                     ylabel="%")
+        md += ["", "![facts](plots/facts_labels.png) ![precision](plots/facts_precision.png)"]
+    if checked:
+        md += ["", "## Fine-grained facts (extracted from each answer, verified against the reference)", "",
+               _table(["system", "answers", "facts / answer", "facts", "% correct", "% correct (per answer)"],
+                      [[s, int(f["answers"]), float(f["facts_per_answer"]), int(f["facts_total"]),
+                        float(f["correct_pct"]), float(f["correct_pct_macro"])] for s, f in checked.items()])]
+        plot_grouped({s: {"facts / answer": f["facts_per_answer"]} for s, f in checked.items()}, "Facts per answer",
+                     out / "plots" / "facts_count.png")
+        plot_grouped({s: {"% correct": f["correct_pct"]} for s, f in checked.items()}, "% correct facts",
+                     out / "plots" / "facts_correct.png", ylabel="%")
+        md += ["", "![facts](plots/facts_count.png) ![correct](plots/facts_correct.png)"]
+    for s, f in facts.items():
+        if f.get("errors"):
+            md += ["", f"{s}: {int(f['errors'])} answer(s) left out: a backend call was rejected for good."]
+    return md
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -88,7 +127,7 @@ def write_report(
     """Write out_dir/report.md and its PNG plots; returns the report path.
 
     metrics: system -> {metric: value}; judge: "system vs baseline" -> win_tie_lose table;
-    consistency: same keys -> position agreement %; facts: system -> fact_summary.
+    consistency: same keys -> position agreement %; facts: system -> fact_summary (either method).
     """
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -122,18 +161,7 @@ def write_report(
                 md += ["", f"{errors} question(s) left out: the judge call was rejected for good (see the JSONL)."]
             md += ["", f"![{comparison}]({png})"]
     if facts:
-        md += ["", "## Fine-grained facts (extracted from each answer, verified against the reference)", "",
-               _table(["system", "answers", "facts / answer", "facts", "% correct", "% correct (per answer)"],
-                      [[s, int(f["answers"]), float(f["facts_per_answer"]), int(f["facts_total"]),
-                        float(f["correct_pct"]), float(f["correct_pct_macro"])] for s, f in facts.items()])]
-        for s, f in facts.items():
-            if f.get("errors"):
-                md += ["", f"{s}: {int(f['errors'])} answer(s) left out: a backend call was rejected for good."]
-        plot_grouped({s: {"facts / answer": f["facts_per_answer"]} for s, f in facts.items()}, "Facts per answer",
-                     out / "plots" / "facts_count.png")
-        plot_grouped({s: {"% correct": f["correct_pct"]} for s, f in facts.items()}, "% correct facts",
-                     out / "plots" / "facts_correct.png", ylabel="%")
-        md += ["", "![facts](plots/facts_count.png) ![correct](plots/facts_correct.png)"]
+        md += _facts_section(facts, out)
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
