@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kt_jax.errors import ConfigError
+from kt_jax.model.attention import BACKENDS
 from kt_jax.ops.losses import LOSS_TYPES, SFT_REDUCTIONS
 
 
@@ -37,7 +38,8 @@ class TrainConfig:
     num_steps: int | None = None  # None: num_epochs passes over the training rows
     num_epochs: float = 3.0
     grad_accum: int = 1
-    eval_rows: int = 100  # held-out rows (the original's val_size) taken from the training file
+    eval_rows: int = 100  # held-out rows (the original's val_size), whole questions at a time; 0: train on every row
+    export_weights: str = "final"  # final: the last step's weights (the original's KC) | best: the best-eval checkpoint
     eval_every_frac: float = 0.1  # evaluate every 10% of the steps (and at the end), keep the best
     eval_batches: int | None = None  # cap on eval batches per evaluation (None: all held-out rows)
     save_every: int | None = None  # None: at every evaluation
@@ -48,6 +50,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: bool = False
+    attention: str = "xla"  # xla | splash | cudnn | auto (splash on TPU, cudnn on GPU, xla elsewhere)
     chunk_size: int = 128
     seed: int = 0
     tensorboard: bool = True
@@ -63,6 +66,14 @@ class TrainConfig:
             raise ConfigError(f"train.max_in_flight must be in [1, 16], got {self.max_in_flight}")
         if self.compute_dtype not in ("float32", "bfloat16") or self.param_dtype not in ("float32", "bfloat16"):
             raise ConfigError("train.compute_dtype / train.param_dtype must be float32 or bfloat16")
+        if self.export_weights not in ("final", "best"):
+            raise ConfigError(f"train.export_weights: {self.export_weights!r} is not one of ['final', 'best']")
+        if self.export_weights == "best" and self.eval_rows <= 0:
+            raise ConfigError("train.export_weights: best needs held-out rows (train.eval_rows > 0)")
+        if self.eval_rows < 0:
+            raise ConfigError(f"train.eval_rows must be >= 0, got {self.eval_rows}")
+        if self.attention not in BACKENDS:
+            raise ConfigError(f"train.attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,7 @@ class DPOConfig:
     sft_weight: float = 0.2
     sft_reduction: str = "example"
     reference: str = "base"  # base: the loaded model with LoRA off; initial_policy: the policy as training starts
+    reference_dtype: str = "policy"  # policy: the policy's compute dtype (LLaMA-Factory) | float32: a float32 copy
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad field."""
@@ -85,6 +97,8 @@ class DPOConfig:
             raise ConfigError(f"dpo.sft_reduction: {self.sft_reduction!r} is not one of {SFT_REDUCTIONS}")
         if self.reference not in ("base", "initial_policy"):
             raise ConfigError(f"dpo.reference: {self.reference!r} is not one of ['base', 'initial_policy']")
+        if self.reference_dtype not in ("policy", "float32"):
+            raise ConfigError(f"dpo.reference_dtype: {self.reference_dtype!r} is not one of ['policy', 'float32']")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5): {self.beta}, "
                               f"{self.label_smoothing}")
