@@ -14,8 +14,10 @@ from kt_jax.errors import ConfigError
 from kt_jax.knowledge.anthropic_backend import AnthropicBackend
 from kt_jax.knowledge.backend import CachedBackend
 from kt_jax.knowledge.offline import OfflineBackend
+from kt_jax.knowledge.world_backend import WorldBackend
 
-BACKENDS: dict[str, type[CachedBackend]] = {"offline": OfflineBackend, "anthropic": AnthropicBackend}
+BACKENDS: dict[str, type[CachedBackend]] = {"offline": OfflineBackend, "anthropic": AnthropicBackend,
+                                            "world": WorldBackend}
 _OPTION_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
@@ -49,12 +51,13 @@ def _coerce_option(value: Any) -> Any:
 
 
 def make_backend(kind: str = "offline", **options: Any) -> CachedBackend:
-    """The backend `kind` ("offline": deterministic, no network; "anthropic") built with `options`.
+    """The backend `kind` ("offline": deterministic, no network; "anthropic"; "world": exact, on world text) built.
 
     Every backend takes `cache` (sqlite path; "none" disables; offline default: none, Anthropic default:
     `$KT_JAX_CACHE` or `~/.cache/kt-jax/knowledge.sqlite3`), `validation_retries` and `retry_rejects`;
     `backend_options(kind)` lists the rest (offline: `dataset`, `texts`; Anthropic: `model`, `base_url`,
-    `api_key_env`, `workers`, `requests_per_minute`, `batch`, prices, ...). Dashes in names read as underscores.
+    `api_key_env`, `workers`, `requests_per_minute`, `batch`, prices, ...; world: `world`, the path of the run's
+    world.json). Dashes in names read as underscores.
     """
     cls = _backend_class(kind)
     opts = {k.replace("-", "_"): _coerce_option(v) for k, v in options.items()}

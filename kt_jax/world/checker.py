@@ -105,6 +105,15 @@ class Checker:
                     for kind, specs in SCHEMA.items() for s in specs}
 
     # ---- parsing ----------------------------------------------------------------------------------------------
+    def entities_named(self, text: str) -> list[str]:
+        """Ids of the world's entities named in `text`, in order of first mention."""
+        out: list[str] = []
+        for m in self._names_re.finditer(text):
+            vtype, value = self.names[m.group(0)]
+            if vtype in ENTITY_KINDS and value not in out:
+                out.append(value)
+        return out
+
     def _mentions(self, sentence: str) -> list[_Mention]:
         found = [_Mention(m.start(), m.end(), *self.names[m.group(0)]) for m in self._names_re.finditer(sentence)]
         found += [_Mention(m.start(), m.end(), self.vocab[m.group(0).lower()], m.group(0).lower())
@@ -281,6 +290,15 @@ def summarize(reports: Sequence[FactReport]) -> dict[str, float]:
         "hallucinated_per_answer": sum(len(r.hallucinated) for r in reports) / n if n else float("nan"),
         "off_target_per_answer": sum(r.off_target for r in reports) / n if n else float("nan"),
     }
+
+
+def per_question(reports: Sequence[FactReport]) -> list[dict[str, Any]]:
+    """One row of scores per answer (same order), the values `summarize` aggregates, for paired statistics."""
+    return [{"entity_id": r.entity_id, "completeness": r.completeness, "factuality": r.factuality,
+             "logicality": r.logicality, "recall": r.recalled / len(r.gold) if r.gold else 1.0,
+             "recalled": r.recalled, "gold": len(r.gold), "stated": len(r.stated), "correct": len(r.correct),
+             "wrong": len(r.wrong), "hallucinated": len(r.hallucinated), "off_target": r.off_target}
+            for r in reports]
 
 
 def evaluate_answers(world: World, questions: Sequence[Any], answers: Sequence[str]
