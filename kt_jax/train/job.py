@@ -2,8 +2,13 @@
 
 Output directory: `config.yaml` (resolved), `metrics.jsonl`, `tb/`, `checkpoints/{latest,best}/`,
 `kc_with_ref.jsonl` (DPO: the pairs with their reference log-probs, computed once, stamped with the model that
-computed them), `export/` (HF directory, LoRA merged), `summary.json`. Running the same config again resumes from
-the latest checkpoint; a different config refuses to touch another config's checkpoints.
+computed them), `export/` (HF directory, LoRA merged), `export/adapter/` (LoRA runs: the adapter alone in PEFT's
+format, `kt_jax.model.peft`), `summary.json`. Running the same config again resumes from the latest checkpoint; a
+different config refuses to touch another config's checkpoints.
+
+`init_adapter` (a PEFT adapter directory, e.g. a KA run's `export/adapter`) starts LoRA from that adapter on `model`
+(its base) instead of a fresh zero-B one: the adapter itself keeps training (LLaMA-Factory's
+`--checkpoint_dir ... --resume_lora_training`). Its rank, alpha and targets must equal `lora`'s.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class TrainJobConfig(TuneConfig):
     kind: str = "ka"  # record kind of train_file: qa | ka (SFT) or kc (DPO)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     export: bool = True
+    init_adapter: str | None = None  # PEFT adapter directory the LoRA training starts from (finetuning: lora)
 
     @classmethod
     def of(cls, tune: TuneConfig, **paths: Any) -> TrainJobConfig:
@@ -78,6 +84,9 @@ class TrainJobConfig(TuneConfig):
                 raise ConfigError(f"{key} is required")
         if self.kind not in KIND_TASK:
             raise ConfigError(f"kind: {self.kind!r} is not one of {sorted(KIND_TASK)}")
+        if self.init_adapter and self.finetuning != "lora":
+            raise ConfigError(f"init_adapter: a LoRA adapter needs finetuning: lora, not {self.finetuning!r} (for full "
+                              "fine-tuning from an adapted model, pass the merged export as model)")
         super().validate()
 
 
@@ -106,6 +115,7 @@ class ReferenceSpec:
     dtype: str
     template: str
     max_len: int
+    adapter: str = ""  # the adapter loaded on `model` when it is part of the reference (lora: as_loaded)
 
 
 def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: ReferenceSpec, mesh: Any,
@@ -176,6 +186,10 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
     from kt_jax.train.steps import make_dpo_loss, make_eval_step, make_sft_loss, make_train_step
 
     cfg.validate()
+    if cfg.init_adapter:
+        from kt_jax.model.peft import check_adapter_config
+
+        check_adapter_config(cfg.init_adapter, cfg.lora)  # before loading anything
     task = cfg.task
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,13 +200,19 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
     if not records:
         raise DataError(f"{cfg.train_file}: no records")
     model = load_pretrained(cfg.model, mesh=mesh, dtype=getattr(jnp, cfg.train.compute_dtype),
-                            param_dtype=getattr(jnp, cfg.train.param_dtype), remat=cfg.train.remat)
+                            param_dtype=getattr(jnp, cfg.train.param_dtype), remat=cfg.train.remat,
+                            attention=cfg.train.attention)
     if cfg.finetuning == "lora":
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
+        if cfg.init_adapter:
+            from kt_jax.model.peft import load_adapter
+
+            load_adapter(model, cfg.init_adapter)
     if task is Task.DPO:
-        spec = ReferenceSpec(model=str(Path(cfg.model).resolve()),
-                             lora="disabled" if cfg.dpo.reference == "base" else "as_loaded",
-                             dtype=cfg.train.compute_dtype, template=cfg.data.template, max_len=cfg.data.max_len)
+        as_loaded = cfg.dpo.reference == "initial_policy"
+        spec = ReferenceSpec(model=str(Path(cfg.model).resolve()), lora="as_loaded" if as_loaded else "disabled",
+                             dtype=cfg.train.compute_dtype, template=cfg.data.template, max_len=cfg.data.max_len,
+                             adapter=str(Path(cfg.init_adapter).resolve()) if as_loaded and cfg.init_adapter else "")
         records = attach_reference_logps(model, tok, records, spec, mesh, run_dir / "kc_with_ref.jsonl")
     train_recs, eval_recs = split_eval(records, cfg.train.eval_rows, cfg.train.seed)
     per_epoch = count_batches(train_recs, tok, cfg.data, task)
@@ -224,6 +244,11 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
             ck = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
             ck.restore_best(ts)
             ck.close()
+        if ts.lora:
+            from kt_jax.model.peft import save_adapter
+
+            save_adapter(ts.model(), run_dir / "export" / "adapter", cfg.lora, base_model=cfg.model)
+            summary["adapter"] = str(run_dir / "export" / "adapter")
         exported = merge_lora(ts.model()) if ts.lora else ts.model()
         save_pretrained(exported, run_dir / "export", copy_tokenizer_from=cfg.tokenizer or cfg.model)
         summary["export"] = str(run_dir / "export")
