@@ -2,9 +2,11 @@
 
 Output directory: `config.yaml` (resolved), `metrics.jsonl`, `tb/`, `checkpoints/{latest,best}/`,
 `kc_with_ref.jsonl` (DPO: the pairs with their reference log-probs, computed once, stamped with the model that
-computed them), `export/` (HF directory, LoRA merged), `export/adapter/` (LoRA runs: the adapter alone in PEFT's
-format, `kt_jax.model.peft`), `summary.json`. Running the same config again resumes from the latest checkpoint; a
-different config refuses to touch another config's checkpoints.
+computed them, in the policy's compute dtype unless `dpo.reference_dtype: float32`), `export/` (HF directory, LoRA
+merged; the last step's weights, or the best-eval checkpoint's with `train.export_weights: best`), `export/adapter/`
+(LoRA runs: the adapter alone in PEFT's format, `kt_jax.model.peft`), `summary.json`. The held-out rows
+(`train.eval_rows`) are whole questions (`split_eval`). Running the same config again resumes from the latest
+checkpoint; a different config refuses to touch another config's checkpoints.
 
 `init_adapter` (a PEFT adapter directory, e.g. a KA run's `export/adapter`) starts LoRA from that adapter on `model`
 (its base) instead of a fresh zero-B one: the adapter itself keeps training (LLaMA-Factory's
@@ -90,12 +92,34 @@ class TrainJobConfig(TuneConfig):
         super().validate()
 
 
+def question_key(record: Any) -> str:
+    """The question a record belongs to (a rewritten KA pair belongs to its source question)."""
+    return getattr(record, "source_question", None) or record.question
+
+
 def split_eval(records: list[Any], eval_rows: int, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, held-out) with `eval_rows` rows drawn by a seeded permutation (at most 10% of the rows)."""
+    """(train, held-out) split by question: whole questions, in a seeded order, while the held-out rows stay within
+    min(eval_rows, 10% of the rows); a question's rows are never on both sides. eval_rows = 0: no split."""
     n_eval = min(eval_rows, len(records) // 10)
-    order = np.random.default_rng(seed).permutation(len(records))
-    held = set(order[:n_eval].tolist())
+    if n_eval <= 0:
+        return list(records), []
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(question_key(r), []).append(i)
+    keys = list(groups)
+    held: set[int] = set()
+    for k in np.random.default_rng(seed).permutation(len(keys)):
+        rows = groups[keys[k]]
+        if len(held) + len(rows) <= n_eval:
+            held.update(rows)
+        if len(held) == n_eval:
+            break
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def reference_dtype(tune: TuneConfig) -> str:
+    """The compute dtype reference log-probs are computed in: the policy's (dpo.reference_dtype: policy) or float32."""
+    return tune.train.compute_dtype if tune.dpo.reference_dtype == "policy" else "float32"
 
 
 def count_batches(records: list[Any], tok: Any, cfg: DataConfig, task: Task) -> int:
@@ -116,6 +140,7 @@ class ReferenceSpec:
     template: str
     max_len: int
     adapter: str = ""  # the adapter loaded on `model` when it is part of the reference (lora: as_loaded)
+    add_bos: bool = True  # BOS before the prompt, as the training data (`data.add_bos`)
 
 
 def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: ReferenceSpec, mesh: Any,
@@ -146,9 +171,11 @@ def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: Refer
         pairs += [(prompt, records[i].chosen), (prompt, records[i].rejected)]
     if spec.lora == "disabled":
         with lora_disabled(model):
-            scores = sequence_logprobs(model, tok, pairs, max_len=spec.max_len, mesh=mesh, progress=True)
+            scores = sequence_logprobs(model, tok, pairs, max_len=spec.max_len, add_bos=spec.add_bos, mesh=mesh,
+                                       progress=True)
     else:
-        scores = sequence_logprobs(model, tok, pairs, max_len=spec.max_len, mesh=mesh, progress=True)
+        scores = sequence_logprobs(model, tok, pairs, max_len=spec.max_len, add_bos=spec.add_bos, mesh=mesh,
+                                   progress=True)
     records = list(records)
     for j, i in enumerate(todo):
         records[i] = dataclasses.replace(records[i], ref_chosen_logp=scores[2 * j][0],
@@ -156,6 +183,26 @@ def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: Refer
     write_records(out_path, records)
     stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
     return records
+
+
+def _float32_reference(cfg: TrainJobConfig, policy: Any, mesh: Any) -> Any:
+    """A float32-compute copy of what the reference scores: the base model (dpo.reference: base, loaded again in
+    float32) or the initial policy (its weights, adapters included, under float32 compute)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kt_jax.model.hf import load_pretrained
+    from kt_jax.model.lora import apply_lora
+
+    base = cfg.dpo.reference == "base"
+    ref = load_pretrained(cfg.model, mesh=mesh, dtype=jnp.float32,
+                          param_dtype=jnp.float32 if base else getattr(jnp, cfg.train.param_dtype),
+                          attention=cfg.train.attention)
+    if not base:
+        if cfg.finetuning == "lora":
+            apply_lora(ref, cfg.lora, seed=cfg.train.seed)
+        nnx.update(ref, nnx.state(policy))
+    return ref
 
 
 def _check_output_dir(cfg: TrainJobConfig, run_dir: Path) -> None:
@@ -211,9 +258,12 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
     if task is Task.DPO:
         as_loaded = cfg.dpo.reference == "initial_policy"
         spec = ReferenceSpec(model=str(Path(cfg.model).resolve()), lora="as_loaded" if as_loaded else "disabled",
-                             dtype=cfg.train.compute_dtype, template=cfg.data.template, max_len=cfg.data.max_len,
-                             adapter=str(Path(cfg.init_adapter).resolve()) if as_loaded and cfg.init_adapter else "")
-        records = attach_reference_logps(model, tok, records, spec, mesh, run_dir / "kc_with_ref.jsonl")
+                             dtype=reference_dtype(cfg), template=cfg.data.template, max_len=cfg.data.max_len,
+                             adapter=str(Path(cfg.init_adapter).resolve()) if as_loaded and cfg.init_adapter else "",
+                             add_bos=cfg.data.add_bos)
+        scorer = model if spec.dtype == cfg.train.compute_dtype else _float32_reference(cfg, model, mesh)
+        records = attach_reference_logps(scorer, tok, records, spec, mesh, run_dir / "kc_with_ref.jsonl")
+        del scorer
     train_recs, eval_recs = split_eval(records, cfg.train.eval_rows, cfg.train.seed)
     per_epoch = count_batches(train_recs, tok, cfg.data, task)
     if per_epoch == 0:
@@ -240,7 +290,10 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
     if cfg.export:
         from kt_jax.train.checkpoint import Checkpoints
 
-        if result.best_step is not None:
+        best = cfg.train.export_weights == "best" and result.best_step is not None
+        summary["export_weights"], summary["export_step"] = cfg.train.export_weights, (
+            result.best_step if best else result.steps)
+        if best:
             ck = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
             ck.restore_best(ts)
             ck.close()
