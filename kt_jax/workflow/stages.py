@@ -123,18 +123,36 @@ class Pipeline:
                         upstream=["knowledge", self.source], outputs=[out])
 
     # -- training ------------------------------------------------------------------------------------------
-    def tune(self, name: str, *, init: str, init_stage: str, train_file: str, kind: str,
-             upstream: list[str]) -> str:
+    def tune(self, name: str, *, start: str | None, train_file: str, kind: str, upstream: list[str]) -> str:
+        """Train system `name` (train/<name>/) from the base model (`start` None) or from stage `start`'s result.
+
+        Continuing a stage follows the original (LLaMA-Factory `--checkpoint_dir <start> --resume_lora_training`):
+        when both stages train the same LoRA adapter (finetuning: lora and equal `lora` sections), the job loads the
+        base model + `start`'s exported PEFT adapter and keeps training that adapter; otherwise (LoRA then full, full
+        then LoRA, or a different adapter shape) it starts from `start`'s merged export (full fine-tuning of those
+        weights, or a fresh adapter on them). DPO reference log-probs come from the `reference` stage (the base
+        model) in every case. Returns the merged export directory.
+        """
         from kt_jax.train.job import TrainJobConfig, run_training
 
         stage = self.cfg.dpo if kind == "kc" else self.cfg.sft
         out = self.dir / "train" / name
-        job = TrainJobConfig.of(stage, model=init, tokenizer=self.tokenizer, train_file=train_file,
-                                output_dir=str(out), kind=kind, mesh=self.cfg.mesh)
+        model, adapter, how = self.base_model, None, "base"
+        if start is not None:
+            before = self.dir / "train" / start / "export"
+            if stage.finetuning == "lora" and self.cfg.sft.finetuning == "lora" and stage.lora == self.cfg.sft.lora:
+                adapter, how = str(before / "adapter"), "adapter"
+            else:
+                model, how = str(before), "merged"
+        job = TrainJobConfig.of(stage, model=model, tokenizer=self.tokenizer, train_file=train_file,
+                                output_dir=str(out), kind=kind, mesh=self.cfg.mesh, init_adapter=adapter)
+        outputs = [out / "export" / "config.json"]
+        if stage.finetuning == "lora":
+            outputs.append(out / "export" / "adapter" / "adapter_config.json")
         # A killed stage resumes from the latest checkpoint inside train/<name>.
-        self.stages.run(name, lambda: _brief(run_training(job, mesh=self._mesh())),
-                        settings={"tune": stage, "kind": kind, "init": init_stage},
-                        upstream=[init_stage, *upstream], outputs=[out / "export" / "config.json"])
+        self.stages.run(name, lambda: {**_brief(run_training(job, mesh=self._mesh())), "start": how},
+                        settings={"tune": stage, "kind": kind, "init": start or self.source, "start": how},
+                        upstream=[start or self.source, *upstream], outputs=outputs)
         return str(out / "export")
 
     # -- generation and evaluation -------------------------------------------------------------------------
@@ -204,20 +222,18 @@ class Pipeline:
         self.knowledge()
         systems = self.cfg.systems
         kdir = self.dir / "knowledge"
-        models = {"sft": self.tune("sft", init=self.base_model, init_stage=self.source, train_file=self.train_file,
-                                   kind="qa", upstream=[])}
+        models = {"sft": self.tune("sft", start=None, train_file=self.train_file, kind="qa", upstream=[])}
         if {"ka", "knowtuning"} & set(systems):
-            models["ka"] = self.tune("ka", init=self.base_model, init_stage=self.source,
-                                     train_file=str(kdir / "ka.jsonl"), kind="ka", upstream=["knowledge"])
+            models["ka"] = self.tune("ka", start=None, train_file=str(kdir / "ka.jsonl"), kind="ka",
+                                     upstream=["knowledge"])
         if {"knowtuning", "no_ka"} & set(systems):
             self.reference()
             kc = str(kdir / "kc_ref.jsonl")
             if "knowtuning" in systems:
-                models["knowtuning"] = self.tune("knowtuning", init=models["ka"], init_stage="ka", train_file=kc,
-                                                 kind="kc", upstream=["reference"])
+                models["knowtuning"] = self.tune("knowtuning", start="ka", train_file=kc, kind="kc",
+                                                 upstream=["reference"])
             if "no_ka" in systems:
-                models["no_ka"] = self.tune("no_ka", init=models["sft"], init_stage="sft", train_file=kc, kind="kc",
-                                            upstream=["reference"])
+                models["no_ka"] = self.tune("no_ka", start="sft", train_file=kc, kind="kc", upstream=["reference"])
         predictions = {name: self.generate(name, models[name]) for name in systems}
         metrics = self.evaluate(predictions)
         report = self.dir / "report.md"
