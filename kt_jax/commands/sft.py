@@ -7,11 +7,20 @@ import json
 
 from kt_jax.config import OVERRIDE_HELP, load_config
 
+EPILOG = """\
+outputs (output_dir): export/ (HF model, LoRA merged, the best-eval or final params); LoRA runs also write
+export/adapter/ (the adapter alone in PEFT format: peft.PeftModel.from_pretrained(<model>, export/adapter)).
+init_adapter=DIR (finetuning: lora) starts from a PEFT adapter directory on `model` (its base) and keeps training
+that adapter instead of a fresh zero-B one; lora.rank/alpha/targets must equal the adapter's adapter_config.json."""
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+
+def add_arguments(parser: argparse.ArgumentParser, epilog: str = EPILOG) -> None:
+    """--config and KEY=VALUE overrides; `epilog` closes --help."""
     parser.add_argument("--config", required=True, help="YAML train job config (kt_jax.train.job.TrainJobConfig)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help=f"{OVERRIDE_HELP}; e.g. optim.learning_rate=1e-4")
+    parser.epilog = epilog
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def print_summary(summary: dict) -> None:
@@ -27,6 +36,8 @@ def print_summary(summary: dict) -> None:
         print(f"best eval loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}")
     if summary.get("export"):
         print(f"exported (HF, LoRA merged, best params): {summary['export']}")
+    if summary.get("adapter"):
+        print(f"adapter (PEFT format): {summary['adapter']}")
 
 
 def run(args: argparse.Namespace) -> int:
