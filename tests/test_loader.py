@@ -227,7 +227,7 @@ def test_config_errors_name_the_key() -> None:
 def test_preference_batches() -> None:
     recs = [KCRecord("Q0?", "good answer", "bad", "factuality", ref_chosen_logp=-4.0, ref_rejected_logp=-6.5),
             KCRecord("Q1?", "ok", "worse answer", "completeness")]
-    cfg = DataConfig(max_len=512, batch_size=2, shuffle=False, num_epochs=1, buckets=(160,))
+    cfg = DataConfig(max_len=512, batch_size=2, shuffle=False, num_epochs=1, buckets=(160,), group_preferences=False)
     b = next(iter(make_dataset(recs, Bytes(), cfg, task=Task.DPO)))
     fields = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
     assert isinstance(b, PreferenceBatch) and isinstance(b.chosen, SeqBatch) and isinstance(b.rejected, SeqBatch)

@@ -4,7 +4,9 @@ A `SeqBatch` holds packed or padded token rows, every field [B, T] (or [A, B, T]
 stacked): input_ids, targets (the next token of the same segment, 0 where none), loss_mask (float32, 1 where
 targets[t] counts), positions (restart per segment) and segment_ids (1.. per row, 0 = padding). A
 `PreferenceBatch` is one chosen and one rejected `SeqBatch` (same shape, one pair per row) plus the stored
-reference log-probs [B] (NaN where a record has none; 0 on padding rows).
+reference log-probs [B] (NaN where a record has none; 0 on padding rows). A `GroupedPreferenceBatch` packs a
+question's prompt, its chosen answer and its rejected answers as sibling segments of one row (`packing.Group`) and
+names each pair by the segment ids of its two answers in per-row pair slots [B, K].
 """
 
 from __future__ import annotations
@@ -58,8 +60,25 @@ class PreferenceBatch:
     ref_rejected_logps: Any  # float32
 
 
-Batch = SeqBatch | PreferenceBatch
-B = TypeVar("B", SeqBatch, PreferenceBatch)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupedPreferenceBatch:
+    """Rows of prompt-sharing answers ([..., B, T] + attention group ids) and pair slots [..., B, K].
+
+    Pair k of row b scores segment `chosen_seg[b, k]` against segment `rejected_seg[b, k]` of that row (0 = an
+    empty slot); attention stays inside a group, and an answer sees the shared prompt and itself only.
+    """
+
+    seq: SeqBatch
+    group_ids: Any  # int32 [B, T], 0 = padding
+    chosen_seg: Any  # int32 [B, K]
+    rejected_seg: Any  # int32 [B, K]
+    ref_chosen_logps: Any  # float32 [B, K]
+    ref_rejected_logps: Any  # float32 [B, K]
+
+
+Batch = SeqBatch | PreferenceBatch | GroupedPreferenceBatch
+B = TypeVar("B", SeqBatch, PreferenceBatch, GroupedPreferenceBatch)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,12 +112,43 @@ class PreferenceExample:
         return max(len(self.chosen), len(self.rejected))
 
 
-Example = SFTExample | PreferenceExample
+@dataclasses.dataclass(frozen=True, slots=True)
+class PairRow:
+    """One row of a grouped preference batch: its packed items (`packing.Group`/`Segment`) and its pairs.
+
+    `pairs` holds (chosen segment id, rejected segment id, reference chosen, reference rejected) per pair.
+    """
+
+    items: tuple[Any, ...]
+    pairs: tuple[tuple[int, int, float, float], ...]
+    length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupExample:
+    """The encoded pairs of one (question, input, chosen) group laid out as rows, with per-pair counts."""
+
+    rows: tuple[PairRow, ...]
+    truncated: int  # pairs with a cut answer
+    skipped: int  # pairs dropped by the over-length policy
+
+    @property
+    def pairs(self) -> int:
+        """Pairs kept."""
+        return sum(len(r.pairs) for r in self.rows)
+
+
+Example = SFTExample | PreferenceExample | GroupExample
+
+
+def _token_fields(batch: Batch) -> Any:
+    """The [B, T] part of a batch (a grouped batch's pair slots [B, K] have no sequence axis)."""
+    return (batch.seq, batch.group_ids) if isinstance(batch, GroupedPreferenceBatch) else batch
 
 
 def seq_len(batch: Batch) -> int:
     """The longest sequence axis (the last axis of every [B, T] field) in `batch`; 0 when there is none."""
-    return max((np.shape(x)[-1] for x in jax.tree.leaves(batch) if np.ndim(x) >= 2), default=0)
+    return max((np.shape(x)[-1] for x in jax.tree.leaves(_token_fields(batch)) if np.ndim(x) >= 2), default=0)
 
 
 def pad_to(batch: B, length: int) -> B:
@@ -110,6 +160,9 @@ def pad_to(batch: B, length: int) -> B:
             return x
         return np.pad(x, ((0, 0), (0, length - x.shape[1])))
 
+    if isinstance(batch, GroupedPreferenceBatch):
+        seq, groups = jax.tree.map(pad, (batch.seq, batch.group_ids))
+        return dataclasses.replace(batch, seq=seq, group_ids=groups)
     return jax.tree.map(pad, batch)
 
 

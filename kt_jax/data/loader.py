@@ -7,10 +7,14 @@ numpy batches of `batch_size // process_count` rows; its whole state is that pos
 `get_state`/`set_state` (and Grain's orbax `CheckpointHandler`) restore it exactly. `sharding.to_device` turns a
 host batch into global `jax.Array`s sharded over the mesh's batch axes.
 
-Batches are `data.batch.SeqBatch` (SFT, LM) or `PreferenceBatch` (DPO: one pair per row, plain padding, same T;
-reference log-probs NaN when a record has none). Shapes: packed rows are always `max_len` long (first-fit into the
-batch's rows, `packing.Bins`); padded rows use the smallest bucket length that fits (`packing.bucket_length` over
-`buckets`), so jit sees only a few shapes.
+Batches are `data.batch.SeqBatch` (SFT, LM) or, for DPO, `GroupedPreferenceBatch` (`group_preferences`, the
+default: KC records with the same question, input and chosen answer form one stream element, laid out by
+`packing.preference_rows` as rows of a shared prompt + the chosen + up to `group_pairs` rejected answers; each row
+of the batch is one such row, so a batch of `batch_size` rows carries up to `batch_size * group_pairs` pairs) or
+`PreferenceBatch` (one pair per row, plain padding, same T). Reference log-probs are NaN when a record has none.
+Shapes: packed rows are always `max_len` long (first-fit into the batch's rows, `packing.Bins`); padded rows use the
+smallest bucket length that fits (`packing.bucket_length` over `buckets`), so jit sees only a few shapes (a grouped
+batch holding a per-pair fallback row of a group that cannot share within `max_len` may be up to 2 * max_len long).
 Over-length rows (`overlength`): "truncate" cuts the response (a prompt leaving no room for any response token
 is skipped), "skip" drops the row, "error" raises; every truncation and skip is counted in `counts`.
 """
@@ -26,8 +30,17 @@ import grain
 import jax
 import numpy as np
 
-from kt_jax.data.batch import Batch, Example, PreferenceBatch, PreferenceExample, SFTExample, Task
-from kt_jax.data.packing import Bins, Segment, bucket_length, pack_arrays
+from kt_jax.data.batch import (
+    Batch,
+    Example,
+    GroupExample,
+    PairRow,
+    PreferenceBatch,
+    PreferenceExample,
+    SFTExample,
+    Task,
+)
+from kt_jax.data.packing import Bins, Segment, bucket_length, pack_arrays, pack_pair_rows, preference_rows
 from kt_jax.data.records import KCRecord, Record
 from kt_jax.data.templates import ALPACA_STYLES, alpaca_prompt, encode_pair
 from kt_jax.data.tokenizer import Tokenizer
@@ -48,6 +61,8 @@ class DataConfig:
     template: str = "llamafactory-0.5.3"
     num_epochs: int | None = None
     add_bos: bool = True
+    group_preferences: bool = True  # DPO: one row per prompt + chosen with its rejected answers (exact; faster)
+    group_pairs: int = 3  # pair slots per grouped row (KnowTuning's KC set: 3 aspects per question)
 
     def __post_init__(self) -> None:
         if self.overlength not in ("truncate", "skip", "error"):
@@ -56,6 +71,8 @@ class DataConfig:
             raise ConfigError(f"data.template: {self.template!r} is not one of {sorted(ALPACA_STYLES)}")
         if self.max_len < 2 or self.batch_size < 1:
             raise ConfigError(f"data.max_len ({self.max_len}) must be >= 2 and data.batch_size >= 1")
+        if self.group_pairs < 1:
+            raise ConfigError(f"data.group_pairs must be >= 1, got {self.group_pairs}")
 
     def bucket(self, length: int) -> int:
         """The padded row length for a batch whose longest row has `length` tokens."""
@@ -90,6 +107,29 @@ def encode_preference(rec: Record, tok: Tokenizer, cfg: DataConfig) -> Preferenc
                              truncated, ref_c, ref_r)
 
 
+def preference_groups(records: Sequence[Record]) -> list[list[int]]:
+    """Record indices grouped by (question, input, chosen), in order of first appearance."""
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, KCRecord):
+            raise DataError(f"preference data got a non-KC record for question {rec.question[:60]!r}")
+        groups.setdefault((rec.question, rec.input, rec.chosen), []).append(i)
+    return list(groups.values())
+
+
+def encode_group(recs: Sequence[Record], tok: Tokenizer, cfg: DataConfig) -> GroupExample:
+    """One group's pairs (ids exactly as `encode_preference` makes them) laid out as shared-prompt rows."""
+    pairs = [encode_preference(rec, tok, cfg) for rec in recs]
+    kept = [p for p in pairs if p is not None]
+    if not kept:
+        return GroupExample((), 0, len(pairs))
+    first = kept[0]
+    prompt, chosen = first.chosen[:first.prompt_len], first.chosen[first.prompt_len:]
+    rejected = [(p.rejected[p.prompt_len:], p.ref_chosen, p.ref_rejected) for p in kept]
+    rows = preference_rows(prompt, chosen, rejected, cfg.max_len, cfg.group_pairs)
+    return GroupExample(tuple(rows), sum(p.truncated for p in kept), len(pairs) - len(kept))
+
+
 def encoder(task: Task) -> Callable[[Record, Tokenizer, DataConfig], Example | None]:
     """The record encoder of a task."""
     return encode_preference if task.preference else encode_sft
@@ -104,6 +144,7 @@ class BatchIterator(grain.DatasetIterator):
         self._stream, self._rows, self._cfg, self._task = stream, rows, cfg, task
         self._epoch_len = epoch_len  # a whole epoch of skipped examples in a row means nothing fits max_len
         self._next = 0
+        self._part = 0  # rows of the current grouped example already in earlier batches
         self._cache: tuple[int, Any] | None = None
         self.counts = {"examples": 0, "truncated": 0, "skipped_overlength": 0}
         self.last_stream_positions: list[int] = []  # stream positions of the examples in the last batch
@@ -118,8 +159,8 @@ class BatchIterator(grain.DatasetIterator):
         skipped = 0
         while self._next < len(self._stream):
             ex = self._peek()
-            if ex is None:
-                self.counts["skipped_overlength"] += 1
+            if ex is None or (isinstance(ex, GroupExample) and not ex.rows):
+                self.counts["skipped_overlength"] += 1 if ex is None else ex.skipped
                 self._next += 1
                 skipped += 1
                 if self._epoch_len and skipped >= self._epoch_len:
@@ -130,10 +171,16 @@ class BatchIterator(grain.DatasetIterator):
         return None
 
     def _consume(self, ex: Example) -> None:
-        self.last_stream_positions.append(self._next)
-        self.counts["examples"] += 1
+        if not self.last_stream_positions or self.last_stream_positions[-1] != self._next:
+            self.last_stream_positions.append(self._next)
+        if isinstance(ex, GroupExample):  # counts are per pair
+            self.counts["examples"] += ex.pairs
+            self.counts["skipped_overlength"] += ex.skipped
+        else:
+            self.counts["examples"] += 1
         self.counts["truncated"] += int(ex.truncated)
         self._next += 1
+        self._part = 0
 
     def _segment(self, ex: SFTExample) -> Segment:
         return Segment.lm(ex.ids) if self._task is Task.LM else Segment.response(ex.ids, ex.prompt_len)
@@ -141,7 +188,7 @@ class BatchIterator(grain.DatasetIterator):
     def __next__(self) -> Batch:
         self.last_stream_positions = []
         if self._task.preference:
-            return self._preference_batch()
+            return self._grouped_batch() if self._cfg.group_preferences else self._preference_batch()
         return self._packed_batch() if self._cfg.pack else self._padded_batch()
 
     def _packed_batch(self) -> Batch:
@@ -179,13 +226,32 @@ class BatchIterator(grain.DatasetIterator):
         refs = lambda side: np.array([getattr(p, side) for p in pairs] + [0.0] * pad, np.float32)
         return PreferenceBatch(chosen.batch, rejected.batch, refs("ref_chosen"), refs("ref_rejected"))
 
+    def _grouped_batch(self) -> Batch:
+        rows: list[PairRow] = []
+        while len(rows) < self._rows and (ex := self._take()) is not None:
+            take = ex.rows[self._part:self._part + self._rows - len(rows)]
+            rows.extend(take)
+            if self._part + len(take) < len(ex.rows):  # the rest of this group opens the next batch
+                self._part += len(take)
+                if not self.last_stream_positions or self.last_stream_positions[-1] != self._next:
+                    self.last_stream_positions.append(self._next)
+            else:
+                self._consume(ex)
+        if not rows:
+            raise StopIteration
+        longest = max(r.length for r in rows)
+        cap = self._cfg.max_len if longest <= self._cfg.max_len else 2 * self._cfg.max_len  # per-pair fallback rows
+        length = bucket_length(longest, cap, self._cfg.buckets)
+        return pack_pair_rows([*rows, *[None] * (self._rows - len(rows))], length, self._cfg.group_pairs)
+
     def get_state(self) -> dict[str, Any]:
-        """JSON-able state: stream position and counters."""
-        return {"next": int(self._next), **{k: int(v) for k, v in self.counts.items()}}
+        """JSON-able state: stream position (and rows of a grouped example already used) and counters."""
+        return {"next": int(self._next), "part": int(self._part), **{k: int(v) for k, v in self.counts.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore a state from `get_state` (same records, config and process layout)."""
         self._next = int(state["next"])
+        self._part = int(state.get("part", 0))
         self.counts = {k: int(state[k]) for k in self.counts}
         self._cache = None
 
@@ -217,6 +283,8 @@ def make_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig, *, 
     if not records:
         raise DataError("no records to build batches from")
     index, count, rows = _process_layout(cfg, process_index, process_count)
+    if task.preference and cfg.group_preferences:
+        return _grouped_dataset(records, tok, cfg, task, index, count, rows)
     encode = encoder(task)
     if cfg.overlength == "error":
         def encode_fn(i: int) -> Any:
@@ -233,6 +301,25 @@ def make_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig, *, 
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)[index::count].map(encode_fn)
     return BatchDataset(ds, rows, cfg, task, epoch_len=-(-len(records) // count))
+
+
+def _grouped_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig, task: Task, index: int, count: int,
+                     rows: int) -> BatchDataset:
+    """The DPO stream over (question, input, chosen) groups: one shuffled element per group."""
+    groups = preference_groups(records)
+
+    def encode_fn(g: int) -> GroupExample:
+        ex = encode_group([records[i] for i in groups[g]], tok, cfg)
+        if ex.skipped and cfg.overlength == "error":
+            raise DataError(f"records {groups[g]} (question {records[groups[g][0]].question[:60]!r}): longer than "
+                            f"max_len {cfg.max_len} tokens (policy overlength=error)")
+        return ex
+
+    ds = grain.MapDataset.range(len(groups))
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)[index::count].map(encode_fn)
+    return BatchDataset(ds, rows, cfg, task, epoch_len=-(-len(groups) // count))
 
 
 def stream_example(records_len: int, cfg: DataConfig, process_index: int, process_count: int,

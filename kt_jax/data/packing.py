@@ -9,6 +9,9 @@ LM pretraining (`world.pretrain.pack_rows`):
   shared prefix followed by segments that each attend to the prefix and to themselves only (prefix-shared
   scoring); the positions of a group's segments continue after the prefix. Segment ids count the row's segments
   1, 2, ... (0 = padding and shared prefixes); group ids count its groups (a bare segment is its own group).
+- `preference_rows` lays out one prompt's chosen answer and its rejected answers as `PairRow`s (shared prompt,
+  sibling answers; a pair whose group exceeds `max_len` falls back to two plain segments); `pack_pair_rows` turns
+  them into a `GroupedPreferenceBatch`.
 - `bucket_length` rounds a row length up to a bucket: configured sizes or powers of two, capped at `max_len`.
 """
 
@@ -19,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kt_jax.data.batch import SeqBatch
+from kt_jax.data.batch import GroupedPreferenceBatch, PairRow, SeqBatch
 
 
 class Segment(NamedTuple):
@@ -111,6 +114,55 @@ def pack_arrays(rows: Sequence[Sequence[Segment | Group]], length: int) -> Packe
                 loss_mask[r, t + m - 1 - min(s.n_loss, m - 1):t + m - 1] = 1.0
                 t += m
     return Packed(SeqBatch(ids, targets, loss_mask, positions, segments), groups)
+
+
+Rejected = tuple[Sequence[int], float, float]  # (response ids, reference chosen, reference rejected log-prob)
+
+
+def preference_rows(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[Rejected], max_len: int,
+                    max_pairs: int) -> list[PairRow]:
+    """Rows for a prompt, its chosen response and (response, ref chosen, ref rejected) per rejected answer.
+
+    A row shares the prompt but its last token as a prefix; every answer is a segment starting with that last
+    token, so each answer sees the prompt at the positions and with the targets of its own unpacked sequence.
+    A row holds at most `max_pairs` pairs and `max_len` tokens; a pair that cannot share within `max_len` gets a
+    row of its own with two plain prompt + answer segments (the per-pair layout, up to 2 * max_len tokens).
+    """
+    p, c = len(prompt), len(chosen)
+    rows: list[PairRow] = []
+    cur: list[Rejected] = []
+
+    def flush() -> None:
+        last = list(prompt[-1:])
+        segs = [Segment(last + list(chosen), c)] + [Segment(last + list(r), len(r)) for r, _, _ in cur]
+        pairs = tuple((1, k + 2, rc, rr) for k, (_, rc, rr) in enumerate(cur))
+        rows.append(PairRow((Group(prompt[:-1], segs),), pairs, p + c + sum(1 + len(r) for r, _, _ in cur)))
+        cur.clear()
+
+    for r, rc, rr in rejected:
+        used = p + c + sum(1 + len(x) for x, _, _ in cur)
+        if cur and (len(cur) >= max_pairs or used + 1 + len(r) > max_len):
+            flush()
+        if p and p + c + 1 + len(r) <= max_len:
+            cur.append((r, rc, rr))
+            continue
+        items = (Segment.response([*prompt, *chosen], p), Segment.response([*prompt, *r], p))
+        rows.append(PairRow(items, ((1, 2, rc, rr),), 2 * p + c + len(r)))
+    if cur:
+        flush()
+    return rows
+
+
+def pack_pair_rows(rows: Sequence[PairRow | None], length: int, slots: int) -> GroupedPreferenceBatch:
+    """A grouped preference batch of `rows` (None = a padding row) laid out `length` long with `slots` pair slots."""
+    packed = pack_arrays([row.items if row is not None else [] for row in rows], length)
+    n = len(rows)
+    chosen, rejected = np.zeros((n, slots), np.int32), np.zeros((n, slots), np.int32)
+    ref_c, ref_r = np.zeros((n, slots), np.float32), np.zeros((n, slots), np.float32)
+    for b, row in enumerate(rows):
+        for k, (cs, rs, rc, rr) in enumerate(row.pairs if row is not None else ()):
+            chosen[b, k], rejected[b, k], ref_c[b, k], ref_r[b, k] = cs, rs, rc, rr
+    return GroupedPreferenceBatch(packed.batch, packed.group_ids, chosen, rejected, ref_c, ref_r)
 
 
 def power_of_two_at_least(length: int, smallest: int) -> int:

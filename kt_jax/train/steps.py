@@ -1,8 +1,9 @@
 """Model-level losses (SFT/LM, DPO) and jitted train/eval steps over microbatches, with a NaN/Inf guard.
 
-A step takes the trained params (pure dict), optimizer state, frozen state and a batch (`data.batch.SeqBatch` or
-`PreferenceBatch`) whose arrays have a leading microbatch axis [A, B, ...]; it averages the A microbatch
-losses/gradients (as HF Trainer does with gradient accumulation), clips, applies AdamW, and returns metrics.
+A step takes the trained params (pure dict), optimizer state, frozen state and a batch (`data.batch.SeqBatch`,
+`PreferenceBatch` or `GroupedPreferenceBatch`) whose arrays have a leading microbatch axis [A, B, ...]; it averages
+the A microbatch losses/gradients (as HF Trainer does with gradient accumulation), clips, applies AdamW, and returns
+metrics.
 When the loss or the gradient norm is not finite the update is skipped (params and optimizer state returned
 unchanged) and `nonfinite` = 1 is reported.
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kt_jax.data.batch import Batch, PreferenceBatch, SeqBatch
+from kt_jax.data.batch import Batch, GroupedPreferenceBatch, PreferenceBatch, SeqBatch
 from kt_jax.ops.logprobs import DEFAULT_CHUNK, masked_sum, token_logprobs
 from kt_jax.ops.losses import dpo_loss, masked_mean_nll
 from kt_jax.train.config import DPOConfig
@@ -54,14 +55,50 @@ def dpo_policy_logps(model: Any, batch: PreferenceBatch, chunk_size: int = 128
     return sums[:b], sums[b:], counts[:b], counts[b:]
 
 
-def make_dpo_loss(cfg: DPOConfig, chunk_size: int = 128) -> LossFn:
-    """DPO (+ the chosen NLL term) of a preference batch with stored reference log-probs; pad rows weigh 0."""
+def grouped_policy_logps(model: Any, batch: GroupedPreferenceBatch, chunk_size: int = 128
+                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per pair slot [B, K]: (chosen summed logps, rejected summed logps, chosen counts, rejected counts).
 
-    def loss_fn(model: Any, batch: PreferenceBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        pc, pr, nc, nr = dpo_policy_logps(model, batch, chunk_size)
+    One forward over the grouped rows: attention inside a group, each answer seeing the shared prompt (segment 0)
+    and itself, exactly the keys its own unpacked sequence has; a pair's sums are its two segments' sums.
+    """
+    seq, group = batch.seq, batch.group_ids
+    seg = seq.segment_ids
+    allowed_BxTxT = (group[:, :, None] == group[:, None, :]) & (
+        (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+    hidden_BxTxD = model.hidden_states(seq.input_ids, seq.positions, None, allowed_BxTxT)
+    logp_BxT = token_logprobs(hidden_BxTxD, model.lm_head_kernel(), seq.targets, chunk_size=chunk_size)
+    mask_BxT = seq.loss_mask.astype(jnp.float32)
+
+    def side(seg_BxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+        sel_BxKxT = (seg[:, None, :] == seg_BxK[:, :, None]) & (seg_BxK[:, :, None] > 0) & (mask_BxT[:, None, :] > 0)
+        total = jnp.sum(jnp.where(sel_BxKxT, logp_BxT[:, None, :] * mask_BxT[:, None, :], 0.0), axis=-1)
+        return total, jnp.sum(jnp.where(sel_BxKxT, mask_BxT[:, None, :], 0.0), axis=-1)
+
+    (pc, nc), (pr, nr) = side(batch.chosen_seg), side(batch.rejected_seg)
+    return pc, pr, nc, nr
+
+
+def preference_logps(model: Any, batch: PreferenceBatch | GroupedPreferenceBatch, chunk_size: int = 128
+                     ) -> tuple[jax.Array, ...]:
+    """(policy chosen, policy rejected, chosen counts, rejected counts, ref chosen, ref rejected), one per pair [N]."""
+    if isinstance(batch, GroupedPreferenceBatch):
+        out = (*grouped_policy_logps(model, batch, chunk_size), batch.ref_chosen_logps, batch.ref_rejected_logps)
+        return tuple(x.reshape(-1) for x in out)
+    return (*dpo_policy_logps(model, batch, chunk_size), batch.ref_chosen_logps, batch.ref_rejected_logps)
+
+
+def make_dpo_loss(cfg: DPOConfig, chunk_size: int = 128) -> LossFn:
+    """DPO (+ the chosen NLL term) of a (grouped) preference batch with stored reference log-probs; pads weigh 0.
+
+    Every pair counts once in every mean, whether it came as two rows or as two segments of a grouped row.
+    """
+
+    def loss_fn(model: Any, batch: PreferenceBatch | GroupedPreferenceBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        pc, pr, nc, nr, rc, rr = preference_logps(model, batch, chunk_size)
         weights = ((nc > 0) & (nr > 0)).astype(jnp.float32)
         loss, metrics = dpo_loss(
-            pc, pr, batch.ref_chosen_logps, batch.ref_rejected_logps, beta=cfg.beta, loss_type=cfg.loss_type,
+            pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free, sft_weight=cfg.sft_weight,
             chosen_nll=-pc / jnp.maximum(nc, 1.0), chosen_tokens=nc, sft_reduction=cfg.sft_reduction,
             weights=weights)
@@ -71,7 +108,9 @@ def make_dpo_loss(cfg: DPOConfig, chunk_size: int = 128) -> LossFn:
 
 
 def _token_count(batch: Batch) -> jax.Array:
-    """Non-padding input tokens in a batch (both sides of a preference batch)."""
+    """Non-padding input tokens in a batch (both sides of a preference batch; a shared prompt once)."""
+    if isinstance(batch, GroupedPreferenceBatch):
+        return jnp.sum(batch.group_ids > 0).astype(jnp.float32)
     seqs = (batch.chosen, batch.rejected) if isinstance(batch, PreferenceBatch) else (batch,)
     return sum(jnp.sum(s.segment_ids > 0) for s in seqs).astype(jnp.float32)
 

@@ -1,0 +1,247 @@
+"""Grouped preference batches: every pair's loss, metrics and gradients equal the per-pair forward; loader coverage."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kt_jax.data.batch import GroupedPreferenceBatch, PreferenceBatch
+from kt_jax.data.loader import DataConfig, make_dataset
+from kt_jax.data.packing import preference_rows
+from kt_jax.data.records import KCRecord
+from kt_jax.data.templates import alpaca_prompt
+from kt_jax.model.llama import Llama, LlamaConfig
+from kt_jax.sharding import state_shardings
+from kt_jax.train.config import DPOConfig, OptimConfig
+from kt_jax.train.loop import stack_micro, to_device
+from kt_jax.train.optimizer import make_optimizer
+from kt_jax.train.state import create_state
+from kt_jax.train.steps import make_dpo_loss, make_eval_step, make_train_step, preference_logps
+
+pytestmark = pytest.mark.timeout(300)
+METRICS = ("loss", "loss/dpo", "loss/sft", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+           "logps/chosen", "logps/rejected")
+
+
+class Bytes:
+    """UTF-8 bytes as ids (vocab 256, fits the tiny Llama); 1 = BOS, 2 = EOS, 0 = pad."""
+
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) > 2).decode()
+
+
+def _text(rng: np.random.Generator, n: int) -> str:
+    return "".join(rng.choice(list("abcdefghij klmnop"), n))
+
+
+def kc_records(seed: int = 0) -> list[KCRecord]:
+    """KC-shaped groups of 3, 2 and 1 rejected answers, one group too long to share (max_len 320), one to split."""
+    rng = np.random.default_rng(seed)
+    recs = []
+    for g, n_rej in enumerate((3, 2, 1, 3, 3, 2, 3)):
+        chosen = _text(rng, int(rng.integers(10, 40)))
+        for _ in range(n_rej):
+            recs.append(KCRecord(f"Q{g}?", chosen, _text(rng, int(rng.integers(5, 40))), "factuality",
+                                 ref_chosen_logp=float(-rng.uniform(20, 60)),
+                                 ref_rejected_logp=float(-rng.uniform(20, 60))))
+    long_chosen = _text(rng, 100)  # prompt 141 + 100 + 121 > 320: per-pair fallback row
+    recs.append(KCRecord("Q7?", long_chosen, _text(rng, 120), "logicality", ref_chosen_logp=-80.0,
+                         ref_rejected_logp=-90.0))
+    split_chosen = _text(rng, 40)  # 141 + 40 + 2 * 61 fits, the third rejected opens a second row
+    for _ in range(3):
+        recs.append(KCRecord("Q8?", split_chosen, _text(rng, 60), "completeness", ref_chosen_logp=-50.0,
+                             ref_rejected_logp=-55.0))
+    return recs
+
+
+def _cfg(**kw) -> DataConfig:
+    return DataConfig(**{"max_len": 320, "batch_size": 8, "shuffle": False, "num_epochs": 1, **kw})
+
+
+def _tiny_model() -> Llama:
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, dtype="float32")
+    return Llama(cfg, nnx.Rngs(0))
+
+
+def _place(model: Llama, mesh) -> Llama:
+    state = nnx.state(model)
+    placed = jax.device_put(nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings(state, mesh)))
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+    return model
+
+
+def _pair_texts(batch: GroupedPreferenceBatch) -> list[tuple[str, str, float, float]]:
+    """(chosen text, rejected text, ref chosen, ref rejected) of every filled pair slot of a host batch."""
+    ids, seg, grp = batch.seq.input_ids, batch.seq.segment_ids, batch.group_ids
+    out = []
+    for b in range(ids.shape[0]):
+        def text(s: int) -> str:
+            g = grp[b][seg[b] == s][0]
+            return Bytes().decode(np.concatenate([ids[b][(grp[b] == g) & (seg[b] == 0)], ids[b][seg[b] == s]]))
+        for k in range(batch.chosen_seg.shape[1]):
+            if batch.chosen_seg[b, k]:
+                out.append((text(batch.chosen_seg[b, k]), text(batch.rejected_seg[b, k]),
+                            float(batch.ref_chosen_logps[b, k]), float(batch.ref_rejected_logps[b, k])))
+    return out
+
+
+def _record_pairs(recs: list[KCRecord]) -> list[tuple[str, str, float, float]]:
+    return [(alpaca_prompt(r.question) + r.chosen, alpaca_prompt(r.question) + r.rejected,
+             float(np.float32(r.ref_chosen_logp)), float(np.float32(r.ref_rejected_logp))) for r in recs]
+
+
+def test_rows_share_the_prompt_split_and_fall_back() -> None:
+    prompt, chosen = [1, 5, 6, 7], [8, 9, 2]
+    rows = preference_rows(prompt, chosen, [([10, 2], -1.0, -2.0), ([11, 12, 2], -1.0, -3.0), ([13, 2], -1.0, -4.0)],
+                           max_len=14, max_pairs=3)
+    # prefix [1, 5, 6] + [7, 8, 9, 2] + [7, 10, 2] + [7, 11, 12, 2] = 14 tokens; the third rejected needs a new row
+    assert [r.length for r in rows] == [14, 10] and [len(r.pairs) for r in rows] == [2, 1]
+    assert rows[0].pairs == ((1, 2, -1.0, -2.0), (1, 3, -1.0, -3.0))
+    assert preference_rows(prompt, chosen, [([10, 2], 0.0, 0.0)] * 3, 40, max_pairs=2)[1].pairs == ((1, 2, 0.0, 0.0),)
+    fallback = preference_rows(prompt, chosen, [([10] * 8 + [2], -1.0, -2.0)], max_len=14, max_pairs=3)
+    assert len(fallback) == 1 and fallback[0].length == 4 + 3 + 4 + 9 and len(fallback[0].items) == 2
+
+
+def test_loader_yields_each_pair_once_per_epoch() -> None:
+    recs = kc_records()
+    rng = np.random.default_rng(1)
+    order = [recs[i] for i in rng.permutation(len(recs))]  # group members need not be adjacent
+    for batch_size, processes in ((8, 1), (2, 1), (1, 1), (4, 2)):
+        seen = []
+        for p in range(processes):
+            cfg = _cfg(batch_size=batch_size, shuffle=True, seed=3)
+            it = iter(make_dataset(order, Bytes(), cfg, task=_dpo(), process_index=p, process_count=processes))
+            batches = list(it)
+            assert all(isinstance(b, GroupedPreferenceBatch) for b in batches)
+            assert all(b.seq.input_ids.shape[0] == batch_size // processes for b in batches)
+            seen += [pair for b in batches for pair in _pair_texts(b)]
+            assert it.counts["examples"] == len(_pair_texts_of(batches)) and it.counts["skipped_overlength"] == 0
+        assert collections.Counter(seen) == collections.Counter(_record_pairs(recs)), (batch_size, processes)
+    fallback = [b for b in make_dataset(recs, Bytes(), _cfg(), task=_dpo()) if b.seq.input_ids.shape[1] > 320]
+    assert len(fallback) == 1 and fallback[0].seq.input_ids.shape[1] == 512  # the per-pair row: 2 x (141 + ...)
+
+
+def _pair_texts_of(batches: list[GroupedPreferenceBatch]) -> list[tuple[str, str, float, float]]:
+    return [pair for b in batches for pair in _pair_texts(b)]
+
+
+def _dpo():
+    from kt_jax.data.batch import Task
+
+    return Task.DPO
+
+
+def test_resume_inside_a_split_group() -> None:
+    recs = kc_records()
+    cfg = _cfg(batch_size=1, shuffle=True, num_epochs=2, seed=5)
+    it = iter(make_dataset(recs, Bytes(), cfg, task=_dpo()))
+    states, batches = [], []
+    for _ in range(14):
+        states.append(it.get_state())
+        batches.append(next(it))
+    assert any(s["part"] > 0 for s in states)  # some batch boundary falls inside Q8's two rows
+    for i in (3, 9):
+        other = iter(make_dataset(recs, Bytes(), cfg, task=_dpo()))
+        other.set_state(states[i])
+        for want in batches[i:]:
+            got = next(other)
+            jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def _loader_batches(recs: list[KCRecord]) -> tuple[GroupedPreferenceBatch, PreferenceBatch]:
+    """The same pairs as one grouped batch (8 rows) and one per-pair batch (24 rows, the spare ones padding)."""
+    grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=8, max_len=320), task=_dpo()))
+    assert len(grouped) == 2  # 10 rows: 8 + 2
+    per_pair = list(make_dataset(recs, Bytes(), _cfg(batch_size=24, group_preferences=False), task=_dpo()))
+    assert len(per_pair) == 1
+    n = len(_pair_texts(grouped[0]))
+    # the first grouped batch holds the records of the first groups (shuffle off): keep those pairs only
+    keep = {p[:2] for p in _pair_texts(grouped[0])}
+    sub = [r for r in recs if (alpaca_prompt(r.question) + r.chosen, alpaca_prompt(r.question) + r.rejected) in keep]
+    assert len(sub) == n
+    per_pair = next(iter(make_dataset(sub, Bytes(), _cfg(batch_size=24, group_preferences=False), task=_dpo())))
+    return grouped[0], per_pair
+
+
+@pytest.mark.slow
+def test_loss_and_metrics_equal_per_pair_on_meshes(mesh) -> None:
+    recs = kc_records()
+    grouped, per_pair = _loader_batches(recs)
+    assert grouped.seq.input_ids.shape[1] == 512 and per_pair.chosen.input_ids.shape == (24, 320)
+    loss_fn = make_dpo_loss(DPOConfig(beta=0.1, sft_weight=0.3), chunk_size=64)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
+    ts = create_state(_place(_tiny_model(), mesh), tx, mesh)
+    step = make_eval_step(ts, loss_fn)
+    got = jax.device_get(step(ts.params, ts.frozen, to_device(stack_micro([grouped]), mesh)))
+    want = jax.device_get(step(ts.params, ts.frozen, to_device(stack_micro([per_pair]), mesh)))
+    for name in METRICS:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert 0 < got["rewards/accuracy"] < 1  # a mix of won and lost pairs, so the mean over pairs is tested
+    # fewer tokens: the prompt once per row, the chosen answer once per group
+    assert got["tokens"] < 0.7 * want["tokens"]
+
+
+def test_per_pair_logps_and_gradients_equal_per_pair() -> None:
+    recs = kc_records()
+    grouped, per_pair = _loader_batches(recs)
+    model = _tiny_model()
+    g = jax.tree.map(jnp.asarray, grouped)
+    p = jax.tree.map(jnp.asarray, per_pair)
+    pc, pr, nc, nr, rc, rr = (np.asarray(x) for x in preference_logps(model, g, chunk_size=64))
+    qc, qr, mc, mr, sc, sr = (np.asarray(x) for x in preference_logps(model, p, chunk_size=64))
+    filled = nc > 0
+    n = int(filled.sum())
+    # grouped slots in row order are the per-pair rows in order (shuffle off, groups in record order)
+    for a, b in ((pc, qc), (pr, qr), (nc, mc), (nr, mr), (rc, sc), (rr, sr)):
+        np.testing.assert_allclose(a[filled], b[:n], rtol=1e-5, atol=1e-5)
+    cfg = DPOConfig(beta=0.1, sft_weight=0.3)
+    loss_fn = make_dpo_loss(cfg, chunk_size=64)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grads(batch):
+        return jax.grad(lambda prm: loss_fn(nnx.merge(graphdef, prm, rest), batch)[0])(params)
+
+    for a, b in zip(jax.tree.leaves(grads(g)), jax.tree.leaves(grads(p)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_accumulated_train_step_equals_per_pair() -> None:
+    """Two grouped microbatches against two per-pair microbatches of the same pairs: same loss and update."""
+    recs = kc_records()
+    grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=4), task=_dpo()))[:2]
+    pairs_of = [{p[:2] for p in _pair_texts(b)} for b in grouped]
+    key = lambda r: (alpaca_prompt(r.question) + r.chosen, alpaca_prompt(r.question) + r.rejected)
+    per_pair = [next(iter(make_dataset([r for r in recs if key(r) in s], Bytes(),
+                                       _cfg(batch_size=12, group_preferences=False), task=_dpo())))
+                for s in pairs_of]
+    out = []
+    for micro in (grouped, per_pair):
+        tx = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0), 10)
+        ts = create_state(_tiny_model(), tx)
+        step = make_train_step(ts, tx, make_dpo_loss(DPOConfig(sft_weight=0.3), chunk_size=64))
+        params, _, metrics = step(ts.params, ts.opt_state, ts.frozen, to_device(stack_micro(micro), None))
+        out.append((jax.device_get(metrics), jax.device_get(params)))
+    for name in (*METRICS, "grad_norm"):
+        np.testing.assert_allclose(out[0][0][name], out[1][0][name], rtol=1e-5, atol=1e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[0][1], out[1][1])
+
+
+def test_grouping_is_on_by_default_and_off_gives_pairs() -> None:
+    recs = kc_records()[:3]
+    assert isinstance(next(iter(make_dataset(recs, Bytes(), _cfg(), task=_dpo()))), GroupedPreferenceBatch)
+    off = dataclasses.replace(_cfg(), group_preferences=False)
+    assert isinstance(next(iter(make_dataset(recs, Bytes(), off, task=_dpo()))), PreferenceBatch)
