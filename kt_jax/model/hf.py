@@ -164,8 +164,12 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = None,
     remat: bool = False,
+    attention: str = "xla",
 ) -> Llama:
-    """Load a HF Llama directory onto `mesh` (each device reads only its own slice of each tensor)."""
+    """Load a HF Llama directory onto `mesh` (each device reads only its own slice of each tensor).
+
+    `attention` picks the attention backend (xla | splash | cudnn | auto; see kt_jax.model.attention).
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -174,7 +178,8 @@ def load_pretrained(
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: invalid JSON ({e})") from None
-    cfg = config_from_hf(hf, str(config_file), dtype=dtype, param_dtype=param_dtype).replace(remat=remat)
+    cfg = config_from_hf(hf, str(config_file), dtype=dtype, param_dtype=param_dtype)
+    cfg = cfg.replace(remat=remat, attention=attention)
     files = _weight_files(path)
     ctx = ShardContext(mesh) if mesh is not None else None
     abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), shard_ctx=ctx))

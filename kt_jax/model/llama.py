@@ -8,13 +8,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from kt_jax.errors import CheckpointError
+from kt_jax.model.attention import BACKENDS, attention, dot_attention
 from kt_jax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
-from kt_jax.sharding import ShardingRules, logical_sharding
+from kt_jax.sharding import RULES, ShardingRules, logical_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -38,6 +38,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     remat: bool = False  # rematerialise each block in the backward pass
+    attention: str = "xla"  # xla | splash | cudnn | auto (kt_jax.model.attention)
     hf_extra_json: str = "{}"  # config.json fields kept only to write them back on export
 
     def __post_init__(self) -> None:
@@ -48,6 +49,8 @@ class LlamaConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise CheckpointError(f"{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+        if self.attention not in BACKENDS:
+            raise CheckpointError(f"attention={self.attention!r}; choose one of {', '.join(BACKENDS)}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -119,32 +122,6 @@ class RMSNorm(nnx.Module):
         return self.weight.get_value().astype(self.dtype) * x32.astype(self.dtype)
 
 
-def attention_mask(
-    segment_ids_BxT: jax.Array | None, extra_mask_BxTxS: jax.Array | None, batch: int, length: int
-) -> jax.Array:
-    """Boolean [B, T, T]: causal, within the same segment, and within `extra_mask` when given."""
-    idx = jnp.arange(length)
-    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (batch, length, length))
-    if segment_ids_BxT is not None:
-        mask = mask & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
-    if extra_mask_BxTxS is not None:
-        mask = mask & extra_mask_BxTxS.astype(bool)
-    return mask
-
-
-def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
-    """Grouped-query softmax attention in float32 logits; returns [B, T, H, D] in the query dtype."""
-    b, t, h, d = q_BxTxHxD.shape
-    kv = k_BxSxKxD.shape[2]
-    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(d))
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-    return out_BxTxKxGxD.reshape(b, t, h, d)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -153,21 +130,29 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs)
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs)
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), cfg, rngs)
+        self.backend = cfg.attention
 
-    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxT: jax.Array | None,
+        extra_mask_BxTxT: jax.Array | None, ctx: ShardContext | None = None,
+    ) -> jax.Array:
         b, t, _ = x_BxTxD.shape
         q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out_BxTxHxD = dot_attention(q, k, v, mask_BxTxS)
+        mesh, rules = (ctx.mesh, ctx.rules) if ctx is not None else (None, RULES)
+        out_BxTxHxD = attention(q, k, v, segment_ids_BxT, extra_mask_BxTxT, self.backend, mesh, rules)
         return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim))
 
     def cached(
         self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
         mask_BxTxS: jax.Array, index: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Attention of T new tokens written into cache slots [index, index + T); returns (out, k, v caches)."""
+        """Attention of T new tokens written into cache slots [index, index + T); returns (out, k, v caches).
+
+        Always the xla backend: the cache mask (valid slots up to each query's slot) is not a segment layout.
+        """
         b, t, _ = x_BxTxD.shape
         q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -199,8 +184,12 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
-        x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, mask_BxTxS)
+    def __call__(
+        self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxT: jax.Array | None,
+        extra_mask_BxTxT: jax.Array | None, ctx: ShardContext | None = None,
+    ) -> jax.Array:
+        attn = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, segment_ids_BxT, extra_mask_BxTxT, ctx)
+        x_BxTxD = x_BxTxD + attn
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
     def cached(
@@ -213,7 +202,7 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), k, v
 
 
-def _rematerialised(block: Block, *args: jax.Array) -> jax.Array:
+def _rematerialised(block: Block, *args: jax.Array | None, ctx: ShardContext | None = None) -> jax.Array:
     """`block(*args)` whose activations are recomputed in the backward pass.
 
     A pure `jax.checkpoint` over the block's split state: `nnx.remat` writes the block's variables back to the
@@ -221,7 +210,7 @@ def _rematerialised(block: Block, *args: jax.Array) -> jax.Array:
     model from its params inside value_and_grad and the gradient-accumulation scan).
     """
     graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a, ctx=ctx))(state, *args)
 
 
 class KVCache(NamedTuple):
@@ -273,10 +262,10 @@ class Llama(nnx.Module):
         b, t = input_ids_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-        mask = attention_mask(segment_ids_BxT, attn_mask_BxTxT, b, t)
         x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
         for block in self.layers:
-            x = _rematerialised(block, x, cos, sin, mask) if cfg.remat else block(x, cos, sin, mask)
+            args = (x, cos, sin, segment_ids_BxT, attn_mask_BxTxT)
+            x = _rematerialised(block, *args, ctx=ctx) if cfg.remat else block(*args, ctx=ctx)
             x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
         return self.norm(x)
 
