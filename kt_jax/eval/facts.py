@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kt_jax.errors import ConfigError, DataError
+from kt_jax.errors import BackendError, ConfigError, DataError
 from kt_jax.eval.judge import per_item
 
 FACT_METHODS = ("factscore", "reference")
@@ -44,7 +44,8 @@ def evaluate_facts(
         labels = [backend.label_fact(question, fact, reference) for fact in facts]
         bad = [x for x in labels if x not in FACT_LABELS]
         if bad:
-            raise DataError(f"label_fact for question {question[:60]!r}: label {bad[0]!r} is not one of {FACT_LABELS}")
+            raise BackendError(f"label_fact for question {question[:60]!r}: label {bad[0]!r} is not one of "
+                               f"{FACT_LABELS}")
         return {"facts": facts, "labels": labels}
 
     return per_item(one, items, workers, progress)
