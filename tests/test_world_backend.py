@@ -184,3 +184,30 @@ def test_options_and_cache_identity(world_path, tmp_path):
     cached = make_backend("world", world=str(world_path), cache=str(tmp_path / "c.sqlite3"))
     first = cached.revise(Q0, ["Rony Yarwyny was a shipwright."])
     assert cached.revise(Q0, ["Rony Yarwyny was a shipwright."]) == first and cached.stats.get("cache_hits") == 1
+
+
+def test_every_operation_is_valid_on_a_generated_world(tmp_path):
+    from kt_jax.data.records import QARecord
+    from kt_jax.knowledge.augment import attach_perplexities, build_ka, extract_facts, lexical_scorer
+    from kt_jax.world import generate_world, splits
+    from kt_jax.world.render import record
+
+    world = generate_world(WorldConfig(seed=0))
+    backend = make_backend("world", world=str(world.save(tmp_path / "world.json")))
+    qs = splits(world)["train"]
+    recs = [QARecord(r["instruction"], r["output"]) for r in (record(world, q) for q in qs)]
+    rows = extract_facts(backend, recs, workers=1)
+    assert not [r for r in rows if "error" in r]
+    assert [len(r["facts"]) for r in rows] == [len(q.attributes) for q in qs]  # one fact per gold attribute
+    ka, rejects = build_ka(backend, attach_perplexities(rows, lexical_scorer([r.answer for r in recs])), workers=1)
+    assert not rejects and len(ka) == 2 * len(recs)
+    checker = Checker(world)
+    for q, rewritten in zip(qs, [r for r in ka if r.provenance == "rewritten"], strict=True):
+        report = checker.check(rewritten.answer, q.entity_id)
+        assert report.factuality == 1.0 and world.entities[q.entity_id].display in rewritten.question
+    kc, rejects, _ = build_kc(backend, rows, combine="llm", workers=1)
+    assert not rejects
+    for r, q in ((r, next(q for q in qs if q.instruction == r.question)) for r in kc if r.aspect == "factuality"):
+        chosen, rejected = (checker.check(t, q.entity_id, q.attributes) for t in (r.chosen, r.rejected))
+        assert chosen.factuality == 1.0 and chosen.completeness == 1.0
+        assert not rejected.correct and not rejected.hallucinated and len(rejected.wrong) == len(q.attributes)

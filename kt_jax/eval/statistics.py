@@ -162,10 +162,10 @@ def forest_plot(differences: Mapping[str, Mapping[str, Interval]], path: str | P
             ax.errorbar(d["mean"], y, xerr=err, fmt="o", color="tab:blue", capsize=3)
         ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_title(metric, fontsize=9)
-        ax.set_xlabel(f"- {baseline}", fontsize=8)
+        ax.set_xlabel(f"system - {baseline}", fontsize=8)
+        ax.set_ylim(len(systems) - 0.5, -0.5)  # first system on top, half a row of margin
         ax.tick_params(labelsize=8)
     axes[0][0].set_yticks(range(len(systems)), systems)
-    axes[0][0].invert_yaxis()
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
