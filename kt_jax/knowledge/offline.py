@@ -13,9 +13,10 @@ right shape and the right kind of contrast, not an LLM's quality.
 - combine: the facts concatenated as sentences.
 - judge / verify: content-word overlap with the reference (recall, precision, order; negation and antonym
   checks for verify).
-- label_fact: supported when verify holds; contradicted when the reference sentence sharing most of the fact's
-  other words gives a different value of the same kind (year, number, name, ...), the opposite polarity or an
-  antonym (what revise produces); otherwise not_verifiable (the rules have no knowledge beyond the reference).
+- label_fact, per reference sentence or clause sharing most of the fact's words: supported when one states it (same
+  values, polarity and words); else contradicted when one gives a different value of the same kind (year, number,
+  name, ...), the opposite polarity or an antonym (what revise produces); else supported when verify holds over
+  the whole reference; else not_verifiable (the rules know nothing beyond the reference).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,10 @@ _ANTONYM_PAIRS = [
     ("include", "exclude"), ("includes", "excludes"), ("healthy", "unhealthy"), ("possible", "impossible"),
 ]
 ANTONYMS = {a: b for a, b in _ANTONYM_PAIRS} | {b: a for a, b in _ANTONYM_PAIRS}
+_OPPOSITES: dict[str, set[str]] = {}  # every antonym of a word ("small": large and big)
+for _a, _b in _ANTONYM_PAIRS:
+    _OPPOSITES.setdefault(_a, set()).add(_b)
+    _OPPOSITES.setdefault(_b, set()).add(_a)
 _SUBJECT_END = {"is", "are", "was", "were", "has", "have", "had", "can", "could", "will", "would", "should", "may",
                 "might", "must", "does", "do", "did", "refers", "means", "includes", "contains", "consists", "became",
                 "becomes", "provides", "helps", "requires", "allows", "uses", "lives", "lies", "comes", "makes"}
@@ -337,31 +343,40 @@ def verify_by_overlap(fact: str, reference: str, threshold: float = 0.7) -> bool
     return not any(ANTONYMS.get(w) in best_words and w not in best_words for w in _words(fact))
 
 
-def _values(text: str) -> dict[str, set[str]]:
-    return {kind: {m.group(0).strip() for m in _matches(kind, text)} for kind in _PATTERNS}
+def _values(text: str) -> dict[str, Counter[str]]:
+    return {kind: Counter(m.group(0).strip() for m in _matches(kind, text)) for kind in _PATTERNS}
+
+
+def _relation(words: list[str], values: dict[str, Counter[str]], negated: bool, fact: str, sent: str,
+              threshold: float) -> str | None:
+    """"agrees" | "conflicts" with one reference sentence, or None when the sentence is about something else."""
+    other = _values(sent)
+    differ = {v for kind in _PATTERNS if values[kind] - other[kind] and other[kind] - values[kind]
+              for v in (values[kind] - other[kind]) + (other[kind] - values[kind])}
+    value_words = {w for v in differ for w in _words(v)}
+    rest = [w for w in words if w not in value_words and not _NEG.fullmatch(w)]  # polarity is checked below
+    sent_words, fw, sw = set(_words(sent)), Counter(_words(fact)), Counter(_words(sent))
+    if not rest or sum(w in sent_words for w in rest) / len(rest) < threshold:
+        return None
+    flipped = negated or len(_NEG.findall(fact)) != len(_NEG.findall(sent))
+    # counted, so "positive or negative" -> "negative or negative" is caught too
+    swapped = any(fw[w] > sw[w] and sw[a] > fw[a] for w in fw for a in _OPPOSITES.get(w, ()))
+    if differ or flipped or swapped:
+        return "conflicts"
+    return "agrees" if all(n in sent for n in re.findall(r"\d[\d,.]*\d|\d", fact)) else None
 
 
 def label_by_overlap(fact: str, reference: str, threshold: float = 0.7) -> str:
     """"supported" | "contradicted" | "not_verifiable" for `fact` against `reference` (see the module docstring)."""
-    if verify_by_overlap(fact, reference, threshold):
-        return "supported"
     body = re.sub(r"^\s*it is not true that\s+", "", fact, flags=re.IGNORECASE)
-    negated = body != fact  # revise's last resort: "It is not true that <fact>"
     words = _content(body)
     if not words:
         return "not_verifiable"
-    fact_values = _values(body)
-    for sent in split_sentences(reference) or [reference]:
-        sent_values = _values(sent)
-        differ = {v for kind in _PATTERNS if fact_values[kind] - sent_values[kind] and
-                  sent_values[kind] - fact_values[kind] for v in fact_values[kind] ^ sent_values[kind]}
-        value_words = {w for v in differ for w in _words(v)}
-        rest = [w for w in words if w not in value_words and not _NEG.fullmatch(w)]  # polarity is checked below
-        sent_words = set(_words(sent))
-        if not rest or sum(w in sent_words for w in rest) / len(rest) < threshold:
-            continue
-        flipped = bool(_NEG.search(body)) != bool(_NEG.search(sent)) or negated
-        antonym = any(ANTONYMS.get(w) in sent_words and w not in sent_words for w in rest)
-        if differ or flipped or antonym:
-            return "contradicted"
-    return "not_verifiable"
+    values = _values(body)
+    units = dict.fromkeys([*split_sentences(reference), *split_facts(reference)]) or {reference: None}
+    found = {_relation(words, values, body != fact, body, unit, threshold) for unit in units}
+    if "agrees" in found:
+        return "supported"
+    if "conflicts" in found:
+        return "contradicted"
+    return "supported" if verify_by_overlap(fact, reference, threshold) else "not_verifiable"
