@@ -95,3 +95,43 @@ def test_revise_changes_values_not_name_fragments_or_words_starting_with_an_auxi
     assert backend.revise_fact("It doesn't rain.") == "It does rain."
     revised = backend.revise_fact("Wylen Nimvo worked for the Eshfa Company.")
     assert revised.startswith("Wylen Nimvo worked for the ") and "Eshfa Company" not in revised
+
+
+def test_label_fact_supported_contradicted_or_not_verifiable() -> None:
+    from kt_jax.knowledge.offline import label_by_overlap
+
+    ref = ("The capital of France is Paris. It was founded in 250 BC. The tower opened in 1889 and closed in 1890. "
+           "Velocity can be positive or negative. Cats can see colour.")
+    cases = {
+        "The capital of France is Paris.": "supported",
+        "The capital of France is Lyon.": "contradicted",            # another name where the reference has one
+        "It was founded in 300 BC.": "contradicted",                 # another number
+        "The tower opened in 1890 and closed in 1890.": "contradicted",  # a repeated year counts
+        "Cats cannot see colour at night.": "contradicted",          # polarity
+        "It is not true that cats can see colour.": "contradicted",  # revise's last resort
+        "Velocity can be negative or negative.": "contradicted",     # a swapped antonym, counted
+        "Paris hosted the 2024 Olympics.": "not_verifiable",         # true, but the reference does not say
+        "The weather is nice.": "not_verifiable",
+        "The tower opened in 1889.": "supported",                    # part of a sentence
+    }
+    assert {fact: label_by_overlap(fact, ref) for fact in cases} == cases
+
+
+@pytest.mark.skipif(not DOLLY.exists(), reason="shared Dolly data absent")
+def test_label_fact_on_dolly_own_facts_supported_revised_contradicted() -> None:
+    from collections import Counter
+
+    from kt_jax.knowledge.offline import label_by_overlap
+
+    answers = [r["output"] for r in json.loads(DOLLY.read_text())[:100] if r["output"].strip()]
+    backend = OfflineBackend(texts=answers)
+    own, revised, other = Counter(), Counter(), Counter()
+    for answer, next_answer in zip(answers, answers[1:] + answers[:1], strict=True):
+        for fact in split_facts(answer):
+            own[label_by_overlap(fact, answer)] += 1
+            revised[label_by_overlap(backend.revise_fact(fact), answer)] += 1
+        for fact in split_facts(next_answer):
+            other[label_by_overlap(fact, answer)] += 1
+    assert own["supported"] == own.total()
+    assert revised["contradicted"] >= 0.95 * revised.total()  # measured 98.6% on the first 300 rows
+    assert other["not_verifiable"] >= 0.95 * other.total()    # another question's facts: the reference is silent
