@@ -71,7 +71,7 @@ def test_file_scorer_uses_kt_jax_score_output(data, tmp_path, capsys) -> None:
     assert rows[0]["perplexities"][0] is None
     ka, _ = read_records(out / "ka.json", "ka")
     rewritten = [k for k in ka if k.provenance == "rewritten"]
-    assert rewritten[0].answer == facts[0]["facts"][-1]  # floor(0.5 * 3) = 1 fact: the highest perplexity
+    assert rewritten[0].answer == " ".join(facts[0]["facts"][-2:])  # ceil(0.5 * 3) = 2 facts: the two hardest
     assert rewritten[1].answer == facts[1]["facts"][0]   # a single (None-scored) fact is still kept
     capsys.readouterr()
     assert cli.main([*argv[:4], "scorer=file"]) == 2

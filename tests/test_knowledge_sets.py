@@ -8,15 +8,16 @@ import pytest
 
 from kt_jax.data.records import KCRecord, QARecord, read_records, write_records
 from kt_jax.errors import DataError
-from kt_jax.knowledge.augment import attach_perplexities, build_ka, extract_facts, select_difficult
-from kt_jax.knowledge.compare import build_kc, delete_facts, mix_revised, shuffle_facts
+from kt_jax.knowledge.augment import attach_perplexities, build_ka, extract_facts, ka_keep_count, select_difficult
+from kt_jax.knowledge.compare import build_kc, delete_facts, kc_delete_count, kc_subset, mix_revised, shuffle_facts
 from kt_jax.knowledge.offline import OfflineBackend
 
 
 def test_select_difficult_top_alpha_at_least_one_in_order() -> None:
     facts = ["a", "b", "c", "d", "e"]
     ppl = [5.0, 1.0, 9.0, 2.0, 7.0]
-    assert select_difficult(facts, ppl, 0.5) == ["c", "e"]       # floor(2.5) = 2 highest, answer order
+    assert select_difficult(facts, ppl, 0.5) == ["a", "c", "e"]  # ceil(2.5) = 3 highest, answer order
+    assert select_difficult(facts, ppl, 0.5, "floor_round") == ["c", "e"]  # floor(2.5) = 2
     assert select_difficult(facts, ppl, 0.1) == ["c"]            # at least one
     assert select_difficult(facts, ppl, 1.0) == facts
     assert select_difficult(["x"], [1.0], 0.5) == ["x"]
@@ -61,6 +62,58 @@ def test_build_ka_uses_the_scorer_and_keeps_provenance() -> None:
                         "reason": "rewrite: invalid answer after 1 attempts: rewrite.question: empty string"}]
     with pytest.raises(DataError, match="1 perplexities for 4 facts"):
         attach_perplexities(rows, lambda items: [[1.0] for _ in items])
+
+
+def test_rounding_reproduces_the_framework_figure() -> None:
+    # The paper's framework figure: facts with perplexity 19.54, 30.74, 18.86; alpha = beta = 0.5. KA keeps the
+    # hardest two (19.54 and 30.74, 18.86 dropped) and KC deletes one of the three.
+    facts, ppl = ["f1", "f2", "f3"], [19.54, 30.74, 18.86]
+    assert select_difficult(facts, ppl, 0.5) == ["f1", "f2"]
+    assert select_difficult(facts, ppl, 0.5, "floor_round") == ["f2"]
+    for rounding, deleted in (("figure", 1), ("floor_round", 2)):
+        kept = delete_facts(facts, 0.5, random.Random(0), rounding)
+        assert len(kept) == 3 - deleted and kept == [f for f in facts if f in kept]
+    # n = 3, 5, 7 at alpha = beta = 0.5: figure keeps ceil and deletes floor; floor_round keeps floor and deletes
+    # Python's round (half to even: 1.5 -> 2, 2.5 -> 2, 3.5 -> 4).
+    assert [ka_keep_count(n, 0.5) for n in (3, 5, 7)] == [2, 3, 4]
+    assert [kc_delete_count(n, 0.5) for n in (3, 5, 7)] == [1, 2, 3]
+    assert [ka_keep_count(n, 0.5, "floor_round") for n in (3, 5, 7)] == [1, 2, 3]
+    assert [kc_delete_count(n, 0.5, "floor_round") for n in (3, 5, 7)] == [2, 2, 4]
+    # at least one kept and one deleted; exact products are not pushed over an integer by binary error
+    assert ka_keep_count(10, 0.7) == 7 and kc_delete_count(10, 0.7) == 7 and ka_keep_count(3, 0.01) == 1
+    assert kc_delete_count(2, 0.1) == 1 and kc_delete_count(2, 0.9) == 1 and kc_delete_count(4, 0.99) == 3
+    with pytest.raises(DataError, match="rounding: 'nearest'"):
+        ka_keep_count(3, 0.5, "nearest")
+
+
+def test_build_ka_and_kc_pass_the_rounding_through() -> None:
+    b = OfflineBackend()
+    records = [QARecord("Q?", "Fact one is here. Fact two is longer here. Fact three is the longest one here.")]
+    rows = extract_facts(b, records)
+    assert len(rows[0]["facts"]) == 3
+    scored = attach_perplexities(rows, lambda items: [[float(len(f)) for f in facts] for _, facts in items])
+    for rounding, kept in (("figure", 2), ("floor_round", 1)):
+        seen = []
+        backend = Recording()
+        backend.rewrites = seen
+        build_ka(backend, scored, alpha=0.5, rounding=rounding)
+        assert len(seen[0]) == kept
+    n_words = lambda text: text.count(".")
+    for rounding, deleted in (("figure", 1), ("floor_round", 2)):
+        kc, _, _ = build_kc(b, rows, rounding=rounding)
+        assert n_words(next(k.rejected for k in kc if k.aspect == "completeness")) == 3 - deleted
+
+
+def test_kc_subset_drops_one_comparison_set() -> None:
+    kc = [KCRecord(f"Q{i}?", "c", "r", aspect) for i in range(2)
+          for aspect in ("completeness", "factuality", "logicality")]
+    for drop, gone in (("no_kcc", "completeness"), ("no_kfc", "factuality"), ("no_klc", "logicality")):
+        kept = kc_subset(kc, drop)
+        assert len(kept) == 4 and gone not in {k.aspect for k in kept} and kept == [k for k in kc if k in kept]
+    with pytest.raises(DataError, match="drop='no_ka'"):
+        kc_subset(kc, "no_ka")
+    with pytest.raises(DataError, match="row 1: field 'aspect'"):
+        kc_subset([kc[0], KCRecord("Q?", "c", "r")], "no_kcc")
 
 
 def test_delete_shuffle_revise_rules() -> None:

@@ -5,13 +5,17 @@ Style "llamafactory-0.5.3" (default) reproduces the text bytes of LLaMA-Factory 
 prompt reads "...completes the request.### Instruction:\\n{query}\\n\\n### Response:\\n". LLaMA-Factory 0.7.x added
 "\\n\\n" after the system string: style "llamafactory-0.7".
 
+`encode_prompt(tok, prompt, add_bos=...)` is the ONE place a prompt becomes token ids: training (`encode_pair`, so the
+loader), fact scoring and reference log-probs (`inference.scoring`) and generation (`inference.sampling`) all call it,
+each with the `add_bos` of its config, so the four paths give the same prompt ids.
+
 `question_text(instruction, input)` is the ONE place the question text is built: the instruction, plus "\\n" + input
 when the input is non-empty (LLaMA-Factory's aligner joins the non-empty parts with "\\n"; a whitespace-only input
 is non-empty there too). The training prompt, the scoring prompt (`prompt_text`) and the question the knowledge
 backends see are all built from it.
 
 Differences from LLaMA-Factory 0.5.3's token ids, on purpose: (1) 0.5.3 put no BOS on alpaca prompts (its alpaca
-template has no bos slot and it encodes with add_special_tokens=False); `encode_pair` adds BOS once when the
+template has no bos slot and it encodes with add_special_tokens=False); `encode_prompt` adds BOS once when the
 tokenizer has one (`add_bos=False` gives 0.5.3's ids). (2) 0.5.3 tokenized the system string and the user slot
 as two pieces; here the prompt is one piece. (3) 0.5.3 tokenized the response with SentencePiece's dummy-prefix
 "▁" (so "Paris" trained as " Paris"); here the response is tokenized as a continuation of the prompt, so
@@ -70,6 +74,11 @@ class EncodedPair:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
+def encode_prompt(tok: Tokenizer, prompt: str, *, add_bos: bool = True) -> list[int]:
+    """Prompt ids: BOS (when `add_bos` and the tokenizer has one), then the prompt text; no EOS."""
+    return ([tok.bos_id] if add_bos and tok.bos_id is not None else []) + list(tok.encode(prompt))
+
+
 def encode_pair(tok: Tokenizer, prompt: str, response: str, max_len: int, add_eos: bool = True, *,
                 add_bos: bool = True) -> EncodedPair:
     """Tokenize prompt and response separately: BOS once before the prompt, EOS once after the response.
@@ -78,7 +87,7 @@ def encode_pair(tok: Tokenizer, prompt: str, response: str, max_len: int, add_eo
     a prompt that leaves no room for any response token gives empty `response_ids` (callers apply their
     over-length policy to it).
     """
-    prompt_ids = ([tok.bos_id] if add_bos and tok.bos_id is not None else []) + list(tok.encode(prompt))
+    prompt_ids = encode_prompt(tok, prompt, add_bos=add_bos)
     response_ids = encode_continuation(tok, response) + ([tok.eos_id] if add_eos else [])
     room = max(max_len - len(prompt_ids), 0)
     truncated = len(response_ids) > room

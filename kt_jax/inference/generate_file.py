@@ -40,6 +40,7 @@ class GenerateConfig:
     batch_size: int = 8                  # prompts per jitted generation call
     max_prompt_len: int = 1024           # prompts keep their last N tokens
     template: str = "llamafactory-0.5.3" # alpaca template style
+    add_bos: bool = True                 # BOS before the prompt (as the training data's add_bos)
     limit: int | None = None             # only the first N test rows (None or 0: all)
     chunk: int = 64                      # prompts written per chunk (the resume granularity)
     dtype: str = "float32"               # compute dtype: float32 | bfloat16
@@ -67,9 +68,9 @@ def generate_file(cfg: GenerateConfig, *, mesh: Mesh | None, progress: bool = Tr
     from tqdm import tqdm
 
     from kt_jax.data.records import read_records
-    from kt_jax.data.templates import alpaca_prompt
+    from kt_jax.data.templates import alpaca_prompt, encode_prompt
     from kt_jax.data.tokenizer import load_tokenizer
-    from kt_jax.inference.sampling import encode_prompt, generate_ids
+    from kt_jax.inference.sampling import generate_ids
     from kt_jax.model.hf import load_pretrained
 
     cfg.validate()
@@ -80,7 +81,8 @@ def generate_file(cfg: GenerateConfig, *, mesh: Mesh | None, progress: bool = Tr
     tokenizer = cfg.tokenizer or cfg.model
     stamp = {"model": cfg.model, "tokenizer": tokenizer, "data": cfg.data, "sampling": dataclasses.asdict(sampling),
              "seed": cfg.seed, "batch_size": cfg.batch_size, "max_prompt_len": cfg.max_prompt_len,
-             "template": cfg.template, "limit": cfg.limit, "dtype": cfg.dtype}
+             "template": cfg.template, "limit": cfg.limit, "dtype": cfg.dtype,
+             **({} if cfg.add_bos else {"add_bos": False})}  # predictions made with BOS keep their stamp
     info = {"chunk": cfg.chunk, "mesh": dict(mesh.shape) if mesh is not None else None}
     writer = ResumableJsonl(out / PREDICTIONS, stamp=stamp, info=info, what="predictions", stamp_path=out / CONFIG,
                             ensure_ascii=True)
@@ -102,9 +104,9 @@ def generate_file(cfg: GenerateConfig, *, mesh: Mesh | None, progress: bool = Tr
         for c in range(0, len(todo), cfg.chunk):
             rows = todo[c : c + cfg.chunk]
             prompts = [alpaca_prompt(records[i].question, records[i].input, cfg.template) for i in rows]
-            ids = generate_ids(model, [encode_prompt(tok, p) for p in prompts], sampling, eos_ids=(tok.eos_id,),
-                               pad_id=tok.pad_id, mesh=mesh, seed=cfg.seed, batch_size=cfg.batch_size,
-                               max_prompt_len=cfg.max_prompt_len)
+            prompt_ids = [encode_prompt(tok, p, add_bos=cfg.add_bos) for p in prompts]
+            ids = generate_ids(model, prompt_ids, sampling, eos_ids=(tok.eos_id,), pad_id=tok.pad_id, mesh=mesh,
+                               seed=cfg.seed, batch_size=cfg.batch_size, max_prompt_len=cfg.max_prompt_len)
             written = []
             for i, toks in zip(rows, ids, strict=True):
                 finished = bool(toks) and toks[-1] == tok.eos_id

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kt_jax.data.packing import bucket_length
+from kt_jax.data.templates import encode_prompt
 from kt_jax.errors import ConfigError
 from kt_jax.sharding import batch_axis_size, to_device, to_host
 
@@ -207,18 +208,13 @@ def generate_ids(
     return results
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids as training tokenizes them: BOS (if the tokenizer has one) then the text, no EOS."""
-    ids = tokenizer.encode(prompt)
-    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + list(ids)
-
-
 def generate(
     model: nnx.Module, tokenizer: Any, prompts: list[str], sampling: SamplingConfig, *, mesh: Mesh | None = None,
-    seed: int = 0, **options: Any,
+    seed: int = 0, add_bos: bool = True, **options: Any,
 ) -> list[str]:
-    """Decoded answers (EOS and special tokens dropped) for already-templated prompts."""
+    """Decoded answers (EOS and special tokens dropped) for already-templated prompts (ids as training's)."""
     eos_ids = options.pop("eos_ids", (tokenizer.eos_id,))
-    ids = generate_ids(model, [encode_prompt(tokenizer, p) for p in prompts], sampling, eos_ids=eos_ids,
+    prompt_ids = [encode_prompt(tokenizer, p, add_bos=add_bos) for p in prompts]
+    ids = generate_ids(model, prompt_ids, sampling, eos_ids=eos_ids,
                        pad_id=tokenizer.pad_id, mesh=mesh, seed=seed, **options)
     return [tokenizer.decode([t for t in row if t not in eos_ids]) for row in ids]

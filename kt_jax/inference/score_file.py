@@ -34,6 +34,7 @@ class ScoreConfig:
     template: str = "alpaca"             # alpaca | raw: the prompt built from the question
     style: str = "llamafactory-0.5.3"    # alpaca template style
     max_len: int = 1024                  # prompt + fact token limit (longer facts are cut)
+    add_bos: bool = True                 # BOS before the prompt (as the training data's add_bos)
     packing: str = "shared"              # shared (prompt once per question) | packed | padded
     batch_size: int = 8                  # rows per jitted call
     pack_len: int = 512                  # tokens packed per row
@@ -96,7 +97,8 @@ def score_file(cfg: ScoreConfig, *, mesh: Mesh | None, progress: bool = True) ->
     in_path, out_path = Path(cfg.input), Path(cfg.output)
     tokenizer = cfg.tokenizer or cfg.model
     stamp = {"model": cfg.model, "tokenizer": tokenizer, "input": str(in_path), "template": cfg.template,
-             "style": cfg.style, "max_len": cfg.max_len, "dtype": cfg.dtype}
+             "style": cfg.style, "max_len": cfg.max_len, "dtype": cfg.dtype,
+             **({} if cfg.add_bos else {"add_bos": False})}  # files scored with BOS keep their stamp
     layout = {"packing": cfg.packing, "batch_size": cfg.batch_size, "pack_len": cfg.pack_len,
               "mesh": dict(mesh.shape) if mesh is not None else None}  # change speed only, never the numbers
     writer = ResumableJsonl(out_path, stamp=stamp, info=layout, what="scored rows",
@@ -119,8 +121,8 @@ def score_file(cfg: ScoreConfig, *, mesh: Mesh | None, progress: bool = True) ->
         part = todo[c : c + cfg.chunk]
         items = [(question_text(r["question"], r.get("input", "")), r["facts"]) for r in part]
         scores = score_facts(model, tok, items, template=cfg.template, style=cfg.style, max_len=cfg.max_len,
-                             mesh=mesh, packing=cfg.packing, batch_size=cfg.batch_size, pack_len=cfg.pack_len,
-                             progress=progress)
+                             add_bos=cfg.add_bos, mesh=mesh, packing=cfg.packing, batch_size=cfg.batch_size,
+                             pack_len=cfg.pack_len, progress=progress)
         out = []
         for row, row_scores in zip(part, scores, strict=True):
             ppl = [None if math.isnan(s.ppl) else s.ppl for s in row_scores]

@@ -1,6 +1,7 @@
 """Fact perplexities and response log-probs: length-bucketed, packed, prefix-shared, sharded, exact.
 
-Every (prompt, response) pair is tokenized exactly as training does (`templates.encode_pair`) and scored with
+Every (prompt, response) pair is tokenized exactly as training does (`templates.encode_pair`, BOS per `add_bos`,
+which callers take from the same config as training's `data.add_bos`) and scored with
 the training log-prob code (`ops.logprobs.token_logprobs`, on the scored positions only: the LM head never runs on
 shared prompts or padding); per-fact sums are taken in float64 on the host. Layouts (all give the same numbers):
 
@@ -40,7 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kt_jax.data.packing import Bins, Group, Packed, Segment, bucket_length, pack_arrays
-from kt_jax.data.templates import alpaca_prompt, encode_pair
+from kt_jax.data.templates import encode_pair, prompt_text
 from kt_jax.errors import ConfigError
 from kt_jax.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from kt_jax.sharding import Throttle, batch_axis_size, to_device, to_host
@@ -272,19 +273,10 @@ def warmup(model: nnx.Module, calls: Sequence[_Call], *, mesh: Mesh | None = Non
 
 
 def _score_pairs(model: nnx.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_len: int,
-                 add_eos: bool, **options: Any) -> list[PairScore]:
-    encoded = [encode_pair(tokenizer, p, r, max_len, add_eos=add_eos) for p, r in pairs]
+                 add_eos: bool, add_bos: bool, **options: Any) -> list[PairScore]:
+    encoded = [encode_pair(tokenizer, p, r, max_len, add_eos=add_eos, add_bos=add_bos) for p, r in pairs]
     scores = score_encoded(model, [(e.prompt_ids, e.response_ids) for e in encoded], max_len=max_len, **options)
     return [PairScore(s, c, e.truncated) for (s, c), e in zip(scores, encoded, strict=True)]
-
-
-def prompt_text(question: str, template: str = "alpaca", style: str = "llamafactory-0.5.3") -> str:
-    """The prompt a question is scored under: the alpaca template, or the raw question (`template="raw"`)."""
-    if template == "alpaca":
-        return alpaca_prompt(question, style=style)
-    if template == "raw":
-        return question
-    raise ConfigError(f"template={template!r}; choose 'alpaca' or 'raw'")
 
 
 def score_facts(
@@ -296,14 +288,16 @@ def score_facts(
     style: str = "llamafactory-0.5.3",
     max_len: int = 1024,
     add_eos: bool = False,
+    add_bos: bool = True,
     mesh: Mesh | None = None,
     progress: bool = True,
     **options: Any,
 ) -> list[list[PairScore]]:
-    """A PairScore (log-prob, tokens, truncated, ppl) per fact of each (question, facts) item."""
-    pairs = [(prompt_text(q, template, style), f) for q, facts in items for f in facts]
-    flat = _score_pairs(model, tokenizer, pairs, max_len=max_len, add_eos=add_eos, mesh=mesh, progress=progress,
-                        **options)
+    """A PairScore (log-prob, tokens, truncated, ppl) per fact of each (question, facts) item (question text as
+    `templates.question_text` builds it)."""
+    pairs = [(prompt_text(q, template=template, style=style), f) for q, facts in items for f in facts]
+    flat = _score_pairs(model, tokenizer, pairs, max_len=max_len, add_eos=add_eos, add_bos=add_bos, mesh=mesh,
+                        progress=progress, **options)
     out, i = [], 0
     for _, facts in items:
         out.append(flat[i : i + len(facts)])
@@ -334,11 +328,12 @@ def sequence_logprobs(
     pairs: Sequence[tuple[str, str]],
     *,
     max_len: int = 1024,
+    add_bos: bool = True,
     mesh: Mesh | None = None,
     progress: bool = False,
     **options: Any,
 ) -> list[tuple[float, int]]:
     """(summed response log-prob incl. EOS, response token count) per (templated prompt, response) pair."""
-    scores = _score_pairs(model, tokenizer, pairs, max_len=max_len, add_eos=True, mesh=mesh, progress=progress,
-                          **options)
+    scores = _score_pairs(model, tokenizer, pairs, max_len=max_len, add_eos=True, add_bos=add_bos, mesh=mesh,
+                          progress=progress, **options)
     return [(s.logprob, s.n_tokens) for s in scores]

@@ -3,8 +3,10 @@
 The KA set is every original QA pair (provenance "original") plus one fine-grained QA pair per question rewritten
 from its most difficult facts (provenance "rewritten", `source_question` = the original question). A fact's
 difficulty is the model's perplexity of the fact given the question (`inference.scoring.fact_perplexities`, passed
-in as a `scorer` so this module never loads a model itself). Top alpha: k = max(1, floor(alpha * n)) facts with the
-highest perplexity, kept in their order in the answer. Items the backend rejects are returned as rejects with
+in as a `scorer` so this module never loads a model itself). Top alpha: the `ka_keep_count(n, alpha, rounding)` facts
+with the highest perplexity, kept in their order in the answer: ceil(alpha * n) under `rounding="figure"` (the paper's
+framework figure keeps 2 of 3 facts at alpha = 0.5; the default), max(1, floor(alpha * n)) under "floor_round" (kt-jax
+before issue 14). Items the backend rejects are returned as rejects with
 their reason, never dropped silently.
 """
 
@@ -23,6 +25,22 @@ from kt_jax.errors import DataError
 from kt_jax.knowledge.backend import call_many
 
 Scorer = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
+ROUNDINGS = ("figure", "floor_round")  # KA keep / KC delete: ceil / floor ("figure"), floor / round
+ROUNDING_EPS = 1e-9  # alpha*n and beta*n land a hair off integers in binary (0.7 * 10 = 7.000000000000001)
+
+
+def check_rounding(rounding: str) -> None:
+    """Raise DataError unless `rounding` is one of ROUNDINGS."""
+    if rounding not in ROUNDINGS:
+        raise DataError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
+
+
+def ka_keep_count(n: int, alpha: float, rounding: str = "figure") -> int:
+    """How many of n facts KA keeps: ceil(alpha*n) ("figure") or max(1, floor(alpha*n)) ("floor_round"); n >= 1."""
+    check_rounding(rounding)
+    if rounding == "figure":
+        return min(n, max(1, math.ceil(alpha * n - ROUNDING_EPS)))
+    return min(n, max(1, math.floor(alpha * n + ROUNDING_EPS)))
 
 
 def extract_facts(backend: Any, records: Sequence[QARecord], *, workers: int = 4,
@@ -38,15 +56,16 @@ def extract_facts(backend: Any, records: Sequence[QARecord], *, workers: int = 4
     return rows
 
 
-def select_difficult(facts: Sequence[str], perplexities: Sequence[float | None], alpha: float = 0.5) -> list[str]:
-    """The max(1, floor(alpha * n)) facts with the highest perplexity, in answer order (NaN/None rank last)."""
+def select_difficult(facts: Sequence[str], perplexities: Sequence[float | None], alpha: float = 0.5,
+                     rounding: str = "figure") -> list[str]:
+    """The `ka_keep_count(n, alpha, rounding)` facts with the highest perplexity, in answer order (NaN/None last)."""
     if len(facts) != len(perplexities):
         raise DataError(f"select_difficult: {len(facts)} facts but {len(perplexities)} perplexities")
     if not facts:
         return []
     if not 0.0 < alpha <= 1.0:
         raise DataError(f"select_difficult: alpha must be in (0, 1], got {alpha}")
-    k = max(1, math.floor(alpha * len(facts)))
+    k = ka_keep_count(len(facts), alpha, rounding)
     ppl = [p if p is not None and p == p else -math.inf for p in perplexities]  # NaN/None (no tokens) rank last
     ranked = sorted(range(len(facts)), key=lambda i: (-ppl[i], i))[:k]
     return [facts[i] for i in sorted(ranked)]
@@ -70,11 +89,12 @@ def attach_perplexities(rows: Sequence[dict[str, Any]], scorer: Scorer) -> list[
     return out
 
 
-def build_ka(backend: Any, scored_rows: Sequence[dict[str, Any]], *, alpha: float = 0.5, workers: int = 4,
-             progress: Callable[[int], None] | None = None) -> tuple[list[KARecord], list[dict[str, Any]]]:
+def build_ka(backend: Any, scored_rows: Sequence[dict[str, Any]], *, alpha: float = 0.5, rounding: str = "figure",
+             workers: int = 4, progress: Callable[[int], None] | None = None
+             ) -> tuple[list[KARecord], list[dict[str, Any]]]:
     """(KA records, rejects): originals + one rewritten fine-grained pair per scored row."""
     todo = [r for r in scored_rows if r.get("facts") and "perplexities" in r]
-    difficult = [select_difficult(r["facts"], r["perplexities"], alpha) for r in todo]
+    difficult = [select_difficult(r["facts"], r["perplexities"], alpha, rounding) for r in todo]
     datas = [{"question": question_text(r["question"], r["input"]), "facts": d}
              for r, d in zip(todo, difficult, strict=True)]
     outcomes = call_many(backend, "rewrite", datas, workers=workers, progress=progress)

@@ -1,8 +1,9 @@
 """Knowledge-comparison (KC) preference pairs: for each question three pairs, one per aspect.
 
 chosen = the backend's rephrasing of the original answer (the same for the three pairs). rejected =
-- completeness: delete — drop d = min(n-1, max(1, round(beta * n))) facts (so at least one is kept and one
-  deleted) chosen at random (seeded per question);
+- completeness: delete — drop `kc_delete_count(n, beta, rounding)` facts chosen at random (seeded per question):
+  floor(beta * n) under `rounding="figure"` (the paper's framework figure deletes 1 of 3 at beta = 0.5; the default),
+  round(beta * n) (Python's, half to even) under "floor_round"; always at least one deleted and one kept;
 - factuality: revise — the backend makes every fact false (`revise_ratio` < 1 keeps some originals, at least one
   revised);
 - logicality: shuffle — a random permutation of the facts that differs from the original order.
@@ -11,12 +12,14 @@ backend's `combine` (`combine="llm"`).
 Answers with a single fact cannot lose a fact and keep one, nor be reordered: they give only the factuality pair
 (counted as `single_fact` in the stats). A pair whose rejected text equals its chosen text is skipped and counted.
 Output records are `KCRecord`s, written by `kt_jax.data.records` as LLaMA-Factory ranking rows
-`{"instruction", "input", "output": [chosen, rejected], "aspect"}`.
+`{"instruction", "input", "output": [chosen, rejected], "aspect"}`. `kc_subset` drops one aspect's pairs (the paper's
+-KCC / -KFC / -KLC ablations).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,10 +28,32 @@ from typing import Any
 from kt_jax.data.records import KCRecord
 from kt_jax.data.templates import question_text
 from kt_jax.errors import DataError
+from kt_jax.knowledge.augment import ROUNDING_EPS, check_rounding
 from kt_jax.knowledge.backend import Outcome, call_many
 from kt_jax.knowledge.offline import combine_facts
 
 ASPECT_OF = {"delete": "completeness", "revise": "factuality", "shuffle": "logicality"}
+ABLATIONS = {"no_kcc": "completeness", "no_kfc": "factuality", "no_klc": "logicality"}  # system -> aspect it drops
+
+
+def kc_delete_count(n: int, beta: float, rounding: str = "figure") -> int:
+    """How many of n >= 2 facts the completeness pair deletes: floor(beta*n) ("figure") or round(beta*n)
+    ("floor_round"), clipped to [1, n-1]."""
+    check_rounding(rounding)
+    d = math.floor(beta * n + ROUNDING_EPS) if rounding == "figure" else round(beta * n)
+    return min(n - 1, max(1, d))
+
+
+def kc_subset(records: Sequence[KCRecord], drop: str) -> list[KCRecord]:
+    """The KC pairs without one comparison set: no_kcc (completeness), no_kfc (factuality), no_klc (logicality)."""
+    if drop not in ABLATIONS:
+        raise DataError(f"kc_subset: drop={drop!r} is not one of {', '.join(ABLATIONS)}")
+    known = set(ABLATIONS.values())
+    for i, r in enumerate(records):
+        if r.aspect not in known:
+            raise DataError(f"kc_subset: row {i}: field 'aspect' is {r.aspect!r}, not one of {sorted(known)} "
+                            "(a KC file written by `kt-jax knowledge` carries it)")
+    return [r for r in records if r.aspect != ABLATIONS[drop]]
 
 
 def _rng(seed: int, question: str, what: str) -> random.Random:
@@ -36,14 +61,14 @@ def _rng(seed: int, question: str, what: str) -> random.Random:
     return random.Random(int(digest[:16], 16))
 
 
-def delete_facts(facts: Sequence[str], beta: float, rng: random.Random) -> list[str]:
-    """The facts minus a random beta share of them (at least one deleted and one kept; needs >= 2 facts)."""
+def delete_facts(facts: Sequence[str], beta: float, rng: random.Random, rounding: str = "figure") -> list[str]:
+    """The facts minus `kc_delete_count` of them at random (at least one deleted and one kept; needs >= 2 facts)."""
     n = len(facts)
     if n < 2:
         raise DataError(f"delete_facts: need at least 2 facts, got {n}")
     if not 0.0 < beta < 1.0:
         raise DataError(f"delete_facts: beta must be in (0, 1), got {beta}")
-    d = min(n - 1, max(1, round(beta * n)))
+    d = kc_delete_count(n, beta, rounding)
     gone = set(rng.sample(range(n), d))
     return [f for i, f in enumerate(facts) if i not in gone]
 
@@ -69,7 +94,7 @@ def mix_revised(facts: Sequence[str], revised: Sequence[str], ratio: float, rng:
 
 
 def build_kc(backend: Any, fact_rows: Sequence[dict[str, Any]], *, beta: float = 0.5, revise_ratio: float = 1.0,
-             combine: str = "concat", seed: int = 0, workers: int = 4,
+             combine: str = "concat", rounding: str = "figure", seed: int = 0, workers: int = 4,
              progress: Callable[[int], None] | None = None) -> tuple[list[KCRecord], list[dict[str, Any]], Counter]:
     """(KC records, rejects, stats) from extracted-fact rows (see module docstring)."""
     if combine not in ("concat", "llm"):
@@ -87,7 +112,7 @@ def build_kc(backend: Any, fact_rows: Sequence[dict[str, Any]], *, beta: float =
     for r, rev in zip(rows, revised, strict=True):
         facts, q = r["facts"], r["question"]
         if len(facts) >= 2:
-            disturbed.append((r, "delete", delete_facts(facts, beta, _rng(seed, q, "delete"))))
+            disturbed.append((r, "delete", delete_facts(facts, beta, _rng(seed, q, "delete"), rounding)))
         else:
             stats["single_fact"] += 1
         if rev.ok:

@@ -47,10 +47,12 @@ class KnowledgeConfig:
     model: str = ""                      # HF Llama directory for the model scorer
     tokenizer: str = ""                  # tokenizer path ("" = the model directory)
     max_len: int = 1024                  # scorer: max tokens of question + fact
+    add_bos: bool = True                 # scorer: BOS before the prompt (as the SFT data's add_bos)
     beta: float = 0.5                    # KC: share of facts deleted for the completeness pair
     revise_ratio: float = 1.0            # KC: share of facts replaced by their false revision
     combine: str = "concat"              # KC rejected text: concat (original method) | llm
     seed: int = 0                        # KC deletion / shuffle randomness
+    rounding: str = "figure"             # figure: KA keeps ceil(alpha*n), KC deletes floor(beta*n) | floor_round
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the key."""
@@ -72,6 +74,8 @@ class KnowledgeConfig:
             raise ConfigError("scores: scorer=file needs the path of a `kt-jax score` output")
         if self.combine not in ("concat", "llm"):
             raise ConfigError(f"combine: {self.combine!r} is not one of concat, llm")
+        if self.rounding not in ("figure", "floor_round"):
+            raise ConfigError(f"rounding: {self.rounding!r} is not one of figure, floor_round")
 
 
 @dataclasses.dataclass
@@ -109,7 +113,7 @@ def _scorer(job: _Job, rows: list[dict[str, Any]]) -> Any:
 
     model = load_pretrained(cfg.model, mesh=job.mesh, dtype=job.dtype)
     return model_scorer(model, load_tokenizer(cfg.tokenizer or cfg.model), max_len=cfg.max_len, mesh=job.mesh,
-                        progress=job.progress)
+                        add_bos=cfg.add_bos, progress=job.progress)
 
 
 def _extract(job: _Job) -> list[dict[str, Any]]:
@@ -142,6 +146,7 @@ def _scored(job: _Job, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     stamp = {"scorer": cfg.scorer, "model": cfg.model, "tokenizer": cfg.tokenizer, "max_len": cfg.max_len,
              "scores": cfg.scores and hashlib.sha256(Path(cfg.scores).read_bytes()).hexdigest(),
              "dtype": job.dtype if cfg.scorer == "model" else None,
+             **({"add_bos": False} if cfg.scorer == "model" and not cfg.add_bos else {}),  # old stamps stay valid
              "facts": hashlib.sha256(json.dumps([(r["question"], r["input"], r.get("facts")) for r in rows],
                                                 sort_keys=True).encode()).hexdigest()}
     info = {"mesh": dict(job.mesh.shape) if job.mesh is not None and cfg.scorer == "model" else None}
@@ -163,8 +168,8 @@ def _augment(job: _Job, rows: list[dict[str, Any]]) -> None:
 
     scored = _scored(job, rows)
     with job.bar(len(scored), "rewrite") as bar:
-        ka, rejects = build_ka(job.backend, scored, alpha=job.cfg.alpha, workers=job.cfg.workers,
-                               progress=bar.update)
+        ka, rejects = build_ka(job.backend, scored, alpha=job.cfg.alpha, rounding=job.cfg.rounding,
+                               workers=job.cfg.workers, progress=bar.update)
     ka_rows = [to_row(r) for r in ka]
     write_rows(job.out / "ka.jsonl", ka_rows)
     write_rows(job.out / "ka.json", ka_rows)
@@ -181,7 +186,8 @@ def _compare(job: _Job, rows: list[dict[str, Any]]) -> None:
     cfg = job.cfg
     with job.bar(len(rows) * (3 if cfg.combine == "llm" else 2), "compare") as bar:
         kc, rejects, kc_stats = build_kc(job.backend, rows, beta=cfg.beta, revise_ratio=cfg.revise_ratio,
-                                         combine=cfg.combine, seed=cfg.seed, workers=cfg.workers,
+                                         combine=cfg.combine, rounding=cfg.rounding, seed=cfg.seed,
+                                         workers=cfg.workers,
                                          progress=bar.update)
     kc_rows = [to_row(r) for r in kc]
     write_rows(job.out / "kc.jsonl", kc_rows)
