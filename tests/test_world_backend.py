@@ -211,3 +211,8 @@ def test_every_operation_is_valid_on_a_generated_world(tmp_path):
         chosen, rejected = (checker.check(t, q.entity_id, q.attributes) for t in (r.chosen, r.rejected))
         assert chosen.factuality == 1.0 and chosen.completeness == 1.0
         assert not rejected.correct and not rejected.hallucinated and len(rejected.wrong) == len(q.attributes)
+        years = {t.attribute: t.value for t in rejected.wrong if isinstance(t.value, int)}
+        for first, then in (("birth_year", "death_year"), ("founded_year", "dissolved_year"),
+                            ("made_year", "stolen_year")):
+            if first in years and then in years:  # revised dates stay in order: plausible, not absurd
+                assert years[first] < years[then], r.rejected

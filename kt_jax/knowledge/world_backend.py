@@ -9,7 +9,8 @@ measures the training recipe, not the stand-in. The entity in focus is the first
   order, the difficult facts as given plus any other attribute those questions ask for (its canonical sentence
   from the world), so the pair reads like a test item; facts about no attribute of the entity are appended.
 - revise: per fact, the value replaced by another value of the same attribute (or, failing that, of the same
-  type) that occurs in the world: plausible and false, never an invented name, never a negation.
+  type) that occurs in the world: plausible and false, never an invented name, never a negation. A new year keeps
+  the entity's dates in order (born before died, founded before dissolved) when any candidate does.
 - rephrase / combine: each fact in the schema wording chosen for its (question, entity, attribute), always one of
   the alternative (non-canonical) templates; the two share the choice, so a KC pair built with the backend's
   `combine` (`combine: llm`) differs in content only, not in wording. No marker text is ever added.
@@ -21,6 +22,7 @@ measures the training recipe, not the stand-in. The entity in focus is the first
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,8 @@ class WorldBackend(CachedBackend):
             return dict(zip(("question", "answer"), self._rewrite(data["question"], data["facts"]), strict=True))
         if op == "revise":
             focus = self.focus(data["question"], *data["facts"])
-            return {"facts": [self.revise_fact(f, focus) for f in data["facts"]]}
+            done: dict[tuple[str, str], Any] = {}  # later facts keep their dates in order with earlier revisions
+            return {"facts": [self.revise_fact(f, focus, done) for f in data["facts"]]}
         if op == "rephrase":
             return {"answer": self._reword(data["question"], [data["answer"]])}
         if op == "combine":
@@ -171,7 +174,7 @@ class WorldBackend(CachedBackend):
         answer = [given.get(a) or self.render((focus, a, ent.facts[a]), 0) for a in asked]
         return " ".join(q for q, _ in asks), " ".join([*dict.fromkeys(answer), *others])
 
-    def _pool(self, subject: str, attr: str, old: Any) -> list[Any]:
+    def _pool(self, subject: str, attr: str, old: Any, done: dict[tuple[str, str], Any]) -> list[Any]:
         """Other values of `attr` of the same kind in the world (else other values of its value type), sorted."""
         kind = self.world.entities[subject].kind
         vtype = attr_spec(kind, attr).value_type
@@ -186,18 +189,36 @@ class WorldBackend(CachedBackend):
             typed = set({"region": self.world.regions, "river": self.world.rivers}.get(vtype, _VOCAB.get(vtype, ())))
         for values in (same, typed):
             pool = sorted((v for v in values if v not in exclude), key=str)
+            if vtype == "year":  # keep the entity's dates in order (born before died, made before stolen), if any fit
+                lo, hi = self._year_bounds(subject, attr, done)
+                pool = [v for v in pool if lo < v < hi] or pool
             if pool:
                 return pool
         raise ValueError(f"the world has no other value for {kind}.{attr}")
 
-    def revise_fact(self, fact: str, focus: str) -> str:
-        """`fact` with its value swapped for another value of the same attribute in the world."""
+    def _year_bounds(self, subject: str, attr: str, done: dict[tuple[str, str], Any]) -> tuple[float, float]:
+        """Bounds from the entity's years before and after `attr` in the schema's (chronological) order, true and
+        revised ones alike, so that any mix of original and revised facts keeps its dates in order."""
+        ent = self.world.entities[subject]
+        names = [s.name for s in SCHEMA[ent.kind] if s.value_type == "year" and s.name in ent.facts]
+        if attr not in names:
+            return -math.inf, math.inf
+        at = names.index(attr)
+        values = lambda a: [ent.facts[a]] + ([done[(subject, a)]] if (subject, a) in done else [])
+        lo = max((v for a in names[:at] for v in values(a)), default=-math.inf)
+        hi = min((v for a in names[at + 1:] for v in values(a)), default=math.inf)
+        return lo, hi
+
+    def revise_fact(self, fact: str, focus: str, done: dict[tuple[str, str], Any] | None = None) -> str:
+        """`fact` with its value swapped for another value of the same attribute in the world (`done`: the
+        revisions made so far to the same answer, (subject, attribute) -> value; updated)."""
+        done = {} if done is None else done
         found = [f for _, fs in self.facts(fact, focus) for f in fs]
         if not found:
             raise ValueError(f"no world fact in {fact[:80]!r}")
         subject, attr, old = next((f for f in found if f[0] == focus), found[0])
-        pool = self._pool(subject, attr, old)
-        new = pool[_stable(fact) % len(pool)]
+        pool = self._pool(subject, attr, old, done)
+        new = done[(subject, attr)] = pool[_stable(fact) % len(pool)]
         old_text = old[1:] if isinstance(old, str) and old.startswith("?") else (
             self.world.entities[old].name if isinstance(old, str) and old in self.world.entities else str(old))
         new_text = self.world.entities[new].name if isinstance(new, str) and new in self.world.entities else str(new)
