@@ -56,8 +56,10 @@ class KnowledgeConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the key."""
-        if self.backend not in ("offline", "anthropic"):
-            raise ConfigError(f"backend: {self.backend!r} is not one of offline, anthropic")
+        from kt_jax.knowledge.registry import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: {self.backend!r} is not one of {', '.join(sorted(BACKENDS))}")
         secret = [k for k in self.backend_options if "key" in k.lower() and k != "api_key_env"]
         if secret:
             raise ConfigError(f"backend_options.{secret[0]}: secrets are not allowed in configs; set an "
