@@ -92,6 +92,13 @@ def test_aggregate_seeds():
     assert aggregate_seeds({0: {"x": 1.0}})["x"]["std"] is None
     with pytest.raises(DataError, match="missing"):
         aggregate_seeds({0: {"x": 1.0}, 1: {"y": 1.0}})
+    nested = aggregate_seeds({s: {"KnowTuning": {"completeness": {"mean": 0.1 * s, "ci_low": 0.0, "ci_high": 1.0}}}
+                              for s in (1, 2, 3)})
+    assert nested["KnowTuning"]["completeness"]["mean"]["mean"] == pytest.approx(0.2)
+    assert nested["KnowTuning"]["completeness"]["ci_low"] == {"mean": 0.0, "std": 0.0, "per_seed": {1: 0.0, 2: 0.0,
+                                                                                                  3: 0.0}}
+    with pytest.raises(DataError, match="KnowTuning/name"):
+        aggregate_seeds({0: {"KnowTuning": {"name": "a"}}, 1: {"KnowTuning": {"name": "b"}}})
 
 
 def test_forest_plot_writes_a_png(tmp_path):

@@ -8,7 +8,8 @@
 - `world_differences(system_rows, baseline_rows)`: both, for the world checker's per-question rows
   (`kt_jax.world.checker.per_question`), on the metrics the summary reports; each point estimate is exactly the
   difference of the two summaries' numbers.
-- `aggregate_seeds`: mean, sample standard deviation and per-seed values of each number over seeds.
+- `aggregate_seeds`: mean, sample standard deviation and per-seed values of each number over seeds (nested dicts
+  keep their nesting).
 - `forest_plot`: one panel per metric, one row per system: the difference and its CI, a line at zero.
 """
 
@@ -122,20 +123,33 @@ def world_differences(system_rows: Sequence[Mapping[str, Any]], baseline_rows: S
     return out
 
 
-def aggregate_seeds(per_seed: Mapping[Any, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
-    """{key: {"mean", "std" (sample, None for one seed), "per_seed": {seed: value}}} over the seeds' numbers."""
+def aggregate_seeds(per_seed: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
+    """Each number over seeds as {"mean", "std" (sample; None for one seed), "per_seed": {seed: value}}.
+
+    The seeds' dicts may nest (e.g. {system: {metric: {"mean", "ci_low", "ci_high"}}}): the result keeps the
+    nesting and replaces every number by its aggregate; every seed must have the same keys.
+    """
     if not per_seed:
         raise DataError("aggregate_seeds: no seeds")
-    keys = list(next(iter(per_seed.values())))
-    out: dict[str, dict[str, Any]] = {}
-    for key in keys:
-        missing = [s for s, vals in per_seed.items() if key not in vals]
-        if missing:
-            raise DataError(f"aggregate_seeds: {key!r} missing for seed(s) {missing}")
-        vals = np.array([float(per_seed[s][key]) for s in per_seed], dtype=np.float64)
-        out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
-                    "per_seed": {s: float(per_seed[s][key]) for s in per_seed}}
-    return out
+    return _aggregate(per_seed, "")
+
+
+def _aggregate(per_seed: Mapping[Any, Any], where: str) -> Any:
+    first = next(iter(per_seed.values()))
+    if isinstance(first, Mapping):
+        out = {}
+        for key in first:
+            missing = [s for s, vals in per_seed.items() if not isinstance(vals, Mapping) or key not in vals]
+            if missing:
+                raise DataError(f"aggregate_seeds: {where + str(key)!r} missing for seed(s) {missing}")
+            out[key] = _aggregate({s: vals[key] for s, vals in per_seed.items()}, f"{where}{key}/")
+        return out
+    try:
+        vals = np.array([float(v) for v in per_seed.values()], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"aggregate_seeds: {where.rstrip('/')!r} is not a number in every seed") from None
+    return {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
+            "per_seed": {s: float(v) for s, v in per_seed.items()}}
 
 
 def forest_plot(differences: Mapping[str, Mapping[str, Interval]], path: str | Path, *, baseline: str = "SFT",
