@@ -46,6 +46,9 @@ class Scripted(CachedBackend):
             return {"facts": FACTS[data["answer"]]}  # [] breaks the schema: the call is rejected
         if op == "verify":
             return {"supported": data["fact"] in TRUE}
+        if op == "label_fact":  # the judge's knowledge also confirms F2; F1 is contradicted
+            known = TRUE | {"Fact F2."}
+            return {"label": "supported" if data["fact"] in known else "contradicted"}
         raise AssertionError(op)
 
 
@@ -103,13 +106,17 @@ def test_facttune_precision_ranking() -> None:
     assert out.records[0] == KCRecord("Q1?", "all true", "all false", "facttune", "ctx")
     assert out.scores[1]["answers"] == ["half true", "also half", "all true"]  # the repeat dropped
     assert (out.records[1].chosen, out.records[1].rejected) == ("all true", "half true")  # tie at 0.5: earlier one
-    assert out.stats["verify_requests"] == 2 + 2 + 1 + 4 + 2 + 2 + 2
+    assert out.stats["check_requests"] == 2 + 2 + 1 + 4 + 2 + 2 + 2
     every = build_facttune_pairs(Scripted(), samples[:1], PreferenceConfig(k=4, pairing="all_pairs", margin=0.25))
     assert [(r.chosen, r.rejected) for r in every.records] == [("all true", "half true"), ("half true", "all false"),
                                                                ("all true", "all false"),
                                                                ("three quarters", "all false")]
     tied = build_facttune_pairs(Scripted(), [_sample(["half true", "also half"])], PreferenceConfig(k=2))
     assert tied.records == [] and "tie" in tied.rejects[0]["reason"]
+    labelled = build_facttune_pairs(Scripted(), [_sample(["half true", "also half"])],
+                                    PreferenceConfig(k=2, fact_check="label_fact"))
+    assert labelled.scores[0]["scores"] == [0.5, 1.0]  # F2 is true by the judge's knowledge, F1 still false
+    assert [(r.chosen, r.rejected) for r in labelled.records] == [("also half", "half true")]
 
 
 def test_facttune_rejected_answer_is_left_out_with_its_reason() -> None:
@@ -167,7 +174,8 @@ def test_offline_backend_end_to_end() -> None:
 
 def test_bad_config_and_rows_name_the_key() -> None:
     for bad, key in (({"pairing": "best"}, "pairing"), ({"k": 1}, "k"), ({"margin": -1.0}, "margin"),
-                     ({"method": "ppo"}, "method"), ({"reconcile": "vote"}, "reconcile")):
+                     ({"method": "ppo"}, "method"), ({"reconcile": "vote"}, "reconcile"),
+                     ({"fact_check": "judge"}, "fact_check")):
         with pytest.raises(ConfigError, match=f"preferences.{key}"):
             PreferenceConfig(**bad).validate()
     with pytest.raises(DataError, match=r"s.jsonl: row 1: field 'reference'"):
@@ -175,3 +183,31 @@ def test_bad_config_and_rows_name_the_key() -> None:
                           PreferenceConfig(k=2), where="s.jsonl")
     with pytest.raises(DataError, match=r"row 0: field 'answers': expected a list of strings"):
         build_facttune_pairs(Scripted(), [_sample("ab")], PreferenceConfig(k=2))
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_anthropic_backend_against_the_fake_api_equals_offline_and_reruns_free(tmp_path, batch) -> None:
+    from helpers.fake_anthropic import FakeAnthropicServer
+
+    reference = "The Eiffel Tower is in Paris. It was completed in 1889."
+    sample = [{"question": "Tell me about the Eiffel Tower.", "reference": reference,
+               "answers": [reference, "The Eiffel Tower is in Rome. It was completed in 1889.", "Towers are tall."]}]
+    cfg = PreferenceConfig(k=3)
+    offline = make_backend("offline")
+    expected = [build_rlaif_pairs(offline, sample, cfg).records, build_facttune_pairs(offline, sample, cfg).records]
+    assert expected[1] and expected[1][0].rejected == "Towers are tall."
+
+    def api(server: FakeAnthropicServer) -> Any:
+        return make_backend("anthropic", base_url=server.url, api_key="k", cache=str(tmp_path / "c.sqlite3"),
+                            max_retries=0, batch=batch, poll_interval=0.01)
+
+    with FakeAnthropicServer(api_key="k") as server:
+        backend = api(server)
+        got = [build_rlaif_pairs(backend, sample, cfg).records, build_facttune_pairs(backend, sample, cfg).records]
+        assert server.batch_creates == (3 if batch else 0)  # judge, extract, verify: one batch each
+    assert got == expected
+    with FakeAnthropicServer(api_key="k") as server:
+        backend = api(server)
+        assert [build_rlaif_pairs(backend, sample, cfg).records,
+                build_facttune_pairs(backend, sample, cfg).records] == expected
+        assert sum(server.http_requests.values()) == 0 and backend.stats.get("computed") == 0

@@ -4,8 +4,10 @@
   in both orders on completeness, factuality and logicality, reconciled as `eval.judge.reconcile` does; an answer's
   score is its wins minus its losses over all aspects and opponents.
 - FactTune (Tian et al. 2023, "Fine-tuning Language Models for Factuality"): each answer's facts are extracted and
-  each verified against the reference answer; the score is fact precision = supported / extracted facts. An answer
-  with no facts, or whose extract / verify call was rejected for good, has no score and is left out (with a reject).
+  each checked, by `verify` against the reference answer (`fact_check="verify"`) or by the FActScore-style
+  `label_fact` against the reference and the judge's own knowledge (`fact_check="label_fact"`, supported only when
+  labelled so); the score is fact precision = supported / extracted facts. An answer with no facts, or whose
+  extract / check call was rejected for good, has no score and is left out (with a reject).
 Pairing (`PreferenceConfig.pairing`): "best_vs_worst", the highest against the lowest score, or "all_pairs", every
 pair of answers whose scores differ by more than `margin`. A pair whose scores differ by `margin` or less is a tie
 and is skipped. Among equal scores the earlier answer of the sample wins the choice, so the output is deterministic.
@@ -33,6 +35,7 @@ from kt_jax.knowledge.backend import Outcome, call_many
 
 METHODS = ("rlaif", "facttune")
 PAIRINGS = ("best_vs_worst", "all_pairs")
+FACT_CHECKS = ("verify", "label_fact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +47,14 @@ class PreferenceConfig:
     pairing: str = "best_vs_worst"    # best_vs_worst | all_pairs (every pair whose scores differ by > margin)
     margin: float = 0.0               # a pair needs score(chosen) - score(rejected) > margin; otherwise a tie
     reconcile: str = "strict"         # rlaif: how the judge's two answer orders combine (strict | sum)
+    fact_check: str = "verify"        # facttune: verify (reference only) | label_fact (reference + judge knowledge)
     workers: int = 4                  # concurrent backend calls
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the key."""
         for key, value, choices in (("method", self.method, METHODS), ("pairing", self.pairing, PAIRINGS),
-                                    ("reconcile", self.reconcile, RECONCILE)):
+                                    ("reconcile", self.reconcile, RECONCILE),
+                                    ("fact_check", self.fact_check, FACT_CHECKS)):
             if value not in choices:
                 raise ConfigError(f"preferences.{key}: {value!r} is not one of {', '.join(choices)}")
         if self.k < 2:
@@ -226,10 +231,11 @@ def build_facttune_pairs(backend: Any, samples: Sequence[dict[str, Any]], cfg: P
         for fact in facts.value if facts.ok else []:
             checks.append((n, i))
             datas.append({"question": q_of[n], "fact": fact, "reference": parsed[n].reference})
-    verified = call_unique(backend, "verify", datas, workers=cfg.workers, progress=progress)
+    verified = call_unique(backend, cfg.fact_check, datas, workers=cfg.workers, progress=progress)
     results: dict[tuple[int, int], list[Outcome]] = {}
     for key, outcome in zip(checks, verified, strict=True):
         results.setdefault(key, []).append(outcome)
+    supported = (lambda v: v is True) if cfg.fact_check == "verify" else (lambda v: v == "supported")
     scores: list[list[float | None]] = [[None] * len(s.answers) for s in parsed]
     rejects = []
     for (n, i), facts in zip(answers, extracted, strict=True):
@@ -239,8 +245,8 @@ def build_facttune_pairs(backend: Any, samples: Sequence[dict[str, Any]], cfg: P
             stats["answers_unscored"] += 1
             rejects.append(_reject(parsed[n], f"facttune (answer {i})", error or "no facts extracted"))
             continue
-        scores[n][i] = sum(bool(o.value) for o in outs) / len(outs)
-    stats["extract_requests"], stats["verify_requests"] = len(answers), len(datas)
+        scores[n][i] = sum(supported(o.value) for o in outs) / len(outs)
+    stats["extract_requests"], stats["check_requests"] = len(answers), len(datas)
     return _pairs(parsed, scores, cfg, rejects, stats)
 
 
