@@ -72,12 +72,13 @@ RONY = ("In 1672, Rony Yarwyny was born. Rony Yarwyny was born in Dratol. Rony Y
 def test_extract_one_fact_per_attribute_sentence(backend, world):
     assert canonical_answer(world, world.entities["person0"]) == RONY
     assert backend.extract(Q0, RONY) == RONY.replace(". ", ".|").split("|")
-    # pronouns resolved, a two-fact sentence split, a sentence stating no world fact dropped
+    # pronouns resolved, a two-fact sentence split, a claim outside the world's schema kept as written
     text = "Rony Yarwyny was born in 1672 in Dratol. He was a shipwright. He had a long life."
     assert backend.extract(Q0, text) == ["In 1672, Rony Yarwyny was born.", "Rony Yarwyny was born in Dratol.",
-                                         "Rony Yarwyny was a shipwright."]
-    with pytest.raises(Rejected, match="states no fact"):
-        backend.extract(Q0, "Nothing is known.")
+                                         "Rony Yarwyny was a shipwright.", "He had a long life."]
+    assert backend.extract(Q0, "Nothing is known.") == ["Nothing is known."]
+    with pytest.raises(Rejected, match="no world entity"):
+        backend.extract("What is this?", "Nothing is known.")
 
 
 def test_rewrite_asks_the_schema_narrow_question(backend):

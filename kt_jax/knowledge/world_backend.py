@@ -3,7 +3,8 @@
 Every operation reads text through the world's exact checker (`kt_jax.world.checker.Checker`), so a world run
 measures the training recipe, not the stand-in. The entity in focus is the first entity the question names.
 - extract: one fact per stated world fact, in order; a sentence stating one fact about a subject it names is kept
-  verbatim, any other (pronoun subject, two facts) is rewritten as one schema sentence per fact.
+  verbatim, any other (pronoun subject, two facts) is rewritten as one schema sentence per fact; a sentence the
+  checker finds no world fact in (a claim outside the schema, a negation) is kept as written.
 - rewrite: the schema's narrow questions covering the difficult facts' attributes (greedy fewest questions; an
   attribute no narrow question asks for gets "What is the <label> of <entity>?"); the answer states, in canonical
   order, the difficult facts as given plus any other attribute those questions ask for (its canonical sentence
@@ -89,15 +90,15 @@ class WorldBackend(CachedBackend):
                 return focus, inverse, t.entity
         return t.entity, t.attribute, t.value
 
-    def facts(self, text: str, focus: str) -> list[tuple[str, list[Fact]]]:
-        """(sentence, its facts) for every sentence of `text` that states at least one world fact."""
+    def facts(self, text: str, focus: str, keep_empty: bool = False) -> list[tuple[str, list[Fact]]]:
+        """(sentence, its facts) for every sentence of `text` that states a world fact (`keep_empty`: every one)."""
         sentences = [s.strip() for s in _SENTENCES.split(text) if s.strip()]
         grouped: dict[int, list[Fact]] = {}
         for t in self.checker.triples(text, focus):
             fact = self._oriented(t, focus)
             if fact not in grouped.setdefault(t.sentence, []):
                 grouped[t.sentence].append(fact)
-        return [(sentences[i], grouped[i]) for i in sorted(grouped)]
+        return [(s, grouped.get(i, [])) for i, s in enumerate(sentences) if keep_empty or i in grouped]
 
     def render(self, fact: Fact, variant: int) -> str:
         """One schema sentence stating `fact` in template `variant` (values the world lacks keep their name)."""
@@ -136,14 +137,15 @@ class WorldBackend(CachedBackend):
     def _extract(self, question: str, answer: str) -> list[str]:
         focus = self.focus(question, answer)
         out: list[str] = []
-        for sentence, facts in self.facts(answer, focus):
-            named = facts[0][0] in self.checker.entities_named(sentence)
-            if len(facts) == 1 and named and not _PRONOUN_START.match(sentence):
+        for sentence, facts in self.facts(answer, focus, keep_empty=True):
+            # a claim the world cannot parse stays a fact as written (verify finds it unsupported), as an LLM's would
+            if not facts or (len(facts) == 1 and facts[0][0] in self.checker.entities_named(sentence)
+                             and not _PRONOUN_START.match(sentence)):
                 out.append(sentence)
             else:
                 out += [self.render(f, 0) for f in facts]
         if not out:
-            raise ValueError("the answer states no fact of the world")
+            raise ValueError("the answer is empty")
         return out
 
     def _rewrite(self, question: str, facts: list[str]) -> tuple[str, str]:
