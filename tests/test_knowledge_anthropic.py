@@ -239,3 +239,67 @@ def test_rate_limiter_schedules_starts_an_interval_apart(monkeypatch) -> None:
         limiter.wait()
     assert slept == pytest.approx([0.5, 1.0])  # the 2nd and 3rd start one and two intervals after the 1st
     assert RateLimiter(0).interval == 0.0
+
+
+# -- local Anthropic-compatible servers (vLLM, llama.cpp, Ollama): model names, cost, keys --------------------------
+LOCAL_MODEL_NAMES = ("qwen3:8b", "Qwen/Qwen2.5-7B-Instruct", "ggml-org/gemma-3-1b-it-GGUF:Q4_K_M", "my served name")
+
+
+@pytest.mark.parametrize("model", LOCAL_MODEL_NAMES)
+def test_local_server_gets_the_model_name_unchanged_and_costs_nothing(tmp_path, monkeypatch, model: str) -> None:
+    with FakeAnthropicServer(api_key=KEY) as srv:
+        b = make_backend("anthropic", model=model, base_url=srv.url, api_key=KEY, cache=tmp_path / "c.sqlite3")
+        seen: list[tuple[str, str]] = []
+        create = b.client.messages.create
+
+        def spy(**kwargs):
+            message = create(**kwargs)
+            seen.append((kwargs["model"], message.model))  # the fake echoes the model it was sent
+            return message
+
+        monkeypatch.setattr(b.client.messages, "create", spy)
+        b.rephrase("q", "It is typically open 3 days.")
+        assert seen == [(model, model)]
+        assert b.local and b.usage.tokens["input_tokens"] > 0
+        assert b.usage.dollars == 0.0
+        assert "$0.0000 (local server)" in b.summary()
+
+
+def test_local_prices_given_are_charged_and_local_false_charges_list_prices(tmp_path) -> None:
+    with FakeAnthropicServer(api_key=KEY) as srv:
+        priced = make_backend("anthropic", model="m", base_url=srv.url, api_key=KEY, cache=False, price_input=2.0)
+        listed = make_backend("anthropic", model="m", base_url=srv.url, api_key=KEY, cache=False, local=False)
+        for b in (priced, listed):
+            b.rephrase("q", "It is open 4 days.")
+        t = priced.usage.tokens
+        assert priced.usage.dollars == pytest.approx(t["input_tokens"] * 2.0 / 1e6)  # output etc. stay free
+        t = listed.usage.tokens
+        expect = (t["input_tokens"] * 3.0 + t["output_tokens"] * 15.0 + t["cache_creation_input_tokens"] * 3.75
+                  + t["cache_read_input_tokens"] * 0.30) / 1e6
+        assert not listed.local and listed.usage.dollars == pytest.approx(expect) and expect > 0
+
+
+def test_local_server_needs_no_key_but_the_api_does(tmp_path, monkeypatch) -> None:
+    from kt_jax.errors import ConfigError
+    from kt_jax.knowledge.anthropic_backend import LOCAL_KEY
+
+    monkeypatch.delenv(ENV, raising=False)
+    with FakeAnthropicServer(api_key=LOCAL_KEY) as srv:
+        b = make_backend("anthropic", model="llama", base_url=srv.url, api_key_env=ENV, cache=False)
+        assert b.rephrase("q", "It is open 5 days.")
+        assert srv.keys_seen[LOCAL_KEY] >= 1
+    with pytest.raises(ConfigError, match=f"no API key .*{ENV}"):
+        make_backend("anthropic", model="claude", api_key_env=ENV, cache=False)
+    with pytest.raises(ConfigError, match="no API key"):
+        make_backend("anthropic", model="x", base_url="https://api.example.com", api_key_env=ENV, cache=False)
+
+
+@pytest.mark.parametrize(("url", "local"), [
+    ("http://localhost:8000", True), ("http://127.0.0.1:11434", True), ("http://[::1]:8080", True),
+    ("http://192.168.1.20:8000", True), ("http://10.0.0.7:11434", True), ("http://172.20.0.3:8080", True),
+    ("http://0.0.0.0:8000", True), ("https://api.anthropic.com", False), ("http://8.8.8.8:8000", False),
+    ("https://gpu-box.example.org", False), (None, False), ("", False)])
+def test_is_local_url(url, local: bool) -> None:
+    from kt_jax.knowledge.anthropic_backend import is_local_url
+
+    assert is_local_url(url) is local

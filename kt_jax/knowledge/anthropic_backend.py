@@ -13,7 +13,10 @@ schema), validated with retry-then-reject, behind the shared sqlite cache.
   batch id in the cache BEFORE waiting, polls, collects into the cache, and resubmits invalid items up to
   `validation_retries` times; after a crash the same job finds its batch id and collects it instead of resubmitting.
 - Accounting: tokens in/out/cache-write/cache-read and dollars at configurable per-million-token prices (batch
-  requests at `batch_discount`), in `summary()`.
+  requests at `batch_discount`), in `summary()`. A local server costs nothing: when `local` is true, or when it is
+  left unset and `base_url` names a loopback or private-network host (localhost, 127.x, ::1, 10.x, 192.168.x,
+  172.16-31.x), every price not given explicitly is 0; otherwise the unset prices are Claude Sonnet's list prices.
+  Local servers (vLLM, llama.cpp, Ollama) ignore the API key, so none is required there.
 The API key is read from the environment variable `api_key_env` (or passed as `api_key`), is never logged,
 cached or written, and is scrubbed from every error message this module raises.
 """
@@ -21,6 +24,7 @@ cached or written, and is scrubbed from every error message this module raises.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import threading
@@ -28,6 +32,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kt_jax.errors import ConfigError
 from kt_jax.knowledge import prompts
@@ -36,6 +41,22 @@ from kt_jax.knowledge.cache import KnowledgeCache
 
 log = logging.getLogger("kt_jax.knowledge")
 DEFAULT_MODEL = "claude-sonnet-4-6"  # any Messages-API model name; set `model` in the config
+# USD per million tokens (Claude Sonnet list prices): input, output, cache write (5 min), cache read
+API_PRICES = {"input_tokens": 3.0, "output_tokens": 15.0, "cache_creation_input_tokens": 3.75,
+              "cache_read_input_tokens": 0.30}
+LOCAL_KEY = "local-server"  # sent when a local server needs no key (the SDK refuses to start without one)
+
+
+def is_local_url(base_url: str | None) -> bool:
+    """Whether `base_url` names this machine or a private-network host (a self-hosted server, not a paid API)."""
+    host = urlsplit(base_url or "").hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
 
 
 class RateLimiter:
@@ -94,28 +115,32 @@ class AnthropicBackend(CachedBackend):
                  max_tokens: int = 1024, max_tokens_limit: int = 8192, temperature: float | None = None,
                  timeout: float = 120.0, max_retries: int = 6, workers: int = 8, requests_per_minute: float = 0.0,
                  batch: bool = False, poll_interval: float = 30.0, batch_chunk: int = 10000,
-                 price_input: float = 3.0, price_output: float = 15.0, price_cache_write: float = 3.75,
-                 price_cache_read: float = 0.30, batch_discount: float = 0.5, validation_retries: int = 2,
+                 price_input: float | None = None, price_output: float | None = None,
+                 price_cache_write: float | None = None, price_cache_read: float | None = None,
+                 batch_discount: float = 0.5, local: bool | None = None, validation_retries: int = 2,
                  retry_rejects: bool = False):
         import anthropic
 
         if cache is None:
             cache = Path(os.environ.get("KT_JAX_CACHE", Path.home() / ".cache" / "kt-jax" / "knowledge.sqlite3"))
         super().__init__(model, cache, validation_retries=validation_retries, retry_rejects=retry_rejects)
+        self.local = is_local_url(base_url) if local is None else bool(local)
         key = api_key if api_key is not None else os.environ.get(api_key_env)
-        if not key:
+        self._secret = key or ""
+        if not key and not self.local:
             raise ConfigError(f"anthropic backend: no API key (set the environment variable {api_key_env})")
-        self._secret = key
         self.max_tokens, self.max_tokens_limit, self.temperature = int(max_tokens), int(max_tokens_limit), temperature
         self.workers, self.batch, self.poll_interval = int(workers), bool(batch), float(poll_interval)
         self.batch_chunk = int(batch_chunk)
         self.limiter = RateLimiter(requests_per_minute)
         self._slots = threading.BoundedSemaphore(max(1, self.workers))
-        self.usage = Usage({"input_tokens": price_input, "output_tokens": price_output,
-                            "cache_creation_input_tokens": price_cache_write,
-                            "cache_read_input_tokens": price_cache_read}, batch_discount)
+        given = {"input_tokens": price_input, "output_tokens": price_output,
+                 "cache_creation_input_tokens": price_cache_write, "cache_read_input_tokens": price_cache_read}
+        prices = {k: float(v) if v is not None else (0.0 if self.local else API_PRICES[k]) for k, v in given.items()}
+        self.usage = Usage(prices, batch_discount)
         self._anthropic = anthropic
-        self.client = anthropic.Anthropic(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self.client = anthropic.Anthropic(api_key=key or LOCAL_KEY, base_url=base_url, timeout=timeout,
+                                          max_retries=max_retries)
 
     def __repr__(self) -> str:
         return f"AnthropicBackend(model={self.model!r})"
@@ -126,7 +151,8 @@ class AnthropicBackend(CachedBackend):
 
     def summary(self) -> str:
         """Call counts plus token usage and cost."""
-        return f"{super().summary()}; {self.usage.line()}"
+        where = " (local server)" if self.local else ""
+        return f"{super().summary()}; {self.usage.line()}{where}"
 
     # -- one request -------------------------------------------------------------------------------------------
     def request_params(self, op: str, data: dict[str, Any], attempt: int = 0) -> dict[str, Any]:
