@@ -121,7 +121,7 @@ class Plan:
 
     def render(self) -> str:
         """The plan as text: a header, the table, and what the estimate can and cannot tell."""
-        gib = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
+        gib = lambda b: f"{b / GiB:8.2f}"
         lines = [f"model {self.model}: {self.num_params / 1e9:.2f} B params; trained: "
                  + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in self.trainable.items()),
                  f"mesh {self.mesh} = {self.devices} {self.platform} devices; judged against "
