@@ -4,7 +4,9 @@ The original KnowTuning setup: q_proj and v_proj, rank 8, alpha 16, dropout 0. T
 (`.../q_proj/kernel`), so HF loading, sharding and export are unchanged; A [in, r] and B [r, out] carry logical
 axes ('embed', 'lora_rank') / ('lora_rank', <the base output axis>). B starts at zero, so a fresh adapter leaves
 the model's outputs unchanged. `merge_lora` folds W + (alpha / r)·A·B back into plain `Linear`s for export;
-`lora_disabled(model)` runs the base model with every adapter off (the DPO reference).
+`lora_disabled(model)` runs the base model with every adapter off (the DPO reference). `kt_jax.model.peft` saves
+and loads the adapters in PEFT's format (a PEFT adapter as the starting point: `apply_lora` with its config, then
+`peft.load_adapter`).
 """
 
 from __future__ import annotations
