@@ -133,6 +133,9 @@ def test_rephrase_rewords_every_fact_without_marker(backend, world):
     assert all(any(s in (backend.render(("person0", a.name, world.entities["person0"].facts[a.name]), i)
                          for i in range(1, len(a.templates))) for a in SCHEMA["person"]
                    if a.name in world.entities["person0"].facts) for s in sentences)
+    assert backend.rephrase(Q0, "He was a shipwright. He had a long life.") == (
+        f"{backend.render(('person0', 'profession', 'shipwright'), backend.wording(Q0, ('person0', 'profession', 0)))}"
+        " He had a long life.")
     # combine words each fact as rephrase does, so a KC pair differs in content, not in wording
     assert backend.combine(Q0, backend.extract(Q0, RONY)) == out
 

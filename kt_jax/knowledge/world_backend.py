@@ -240,10 +240,8 @@ class WorldBackend(CachedBackend):
         focus = self.focus(question, *texts)
         out: list[str] = []
         for text in texts:
-            parsed = self.facts(text, focus)
-            if not parsed:
-                out.append(text.strip())
-            out += [self.render(f, self.wording(question, f)) for _, facts in parsed for f in facts]
+            for sentence, facts in self.facts(text, focus, keep_empty=True):  # no world fact: kept as written
+                out += [self.render(f, self.wording(question, f)) for f in facts] if facts else [sentence]
         return " ".join(out)
 
     def _judge(self, question: str, reference: str, answer_a: str, answer_b: str) -> dict[str, str]:
