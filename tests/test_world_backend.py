@@ -175,6 +175,11 @@ def test_verify_is_exact(backend):
     assert not backend.verify(Q0, "Rony Yarwyny was born in Zorbia.", RONY)  # a name the world does not have
     assert not backend.verify(Q0, "Rony Yarwyny was not a potter.", RONY)  # a negation states nothing
     assert not backend.verify(Q0, "He had a long life.", RONY)
+    narrow = "Rony Yarwyny died in 1760."  # the reference omits the profession: the world still settles it
+    assert [backend.label_fact(Q0, f, narrow) for f in ("Rony Yarwyny was a shipwright.", "He was a potter.",
+                                                         "Rony Yarwyny studied at the Sathu Academy.",
+                                                         "He had a long life.")] == [
+        "supported", "contradicted", "contradicted", "not_verifiable"]
 
 
 def test_options_and_cache_identity(world_path, tmp_path):

@@ -18,6 +18,8 @@ measures the training recipe, not the stand-in. The entity in focus is the first
 - judge: checker scores of both answers about the facts the reference states: completeness (facts recalled),
   factuality (fewer wrong or invented facts), logicality (Kendall tau; "tie" unless both are defined).
 - verify: the fact states at least one world fact and every fact it states is true in the world.
+- label_fact: supported (verify holds), contradicted (a stated fact the world does not hold: the world is closed),
+  not_verifiable (no world fact stated), whatever the reference omits.
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ class WorldBackend(CachedBackend):
             return self._judge(data["question"], data["reference"], data["answer_a"], data["answer_b"])
         if op == "verify":
             return {"supported": self._verify(data["question"], data["fact"])}
+        if op == "label_fact":
+            return {"label": self._label(data["question"], data["fact"])}
         raise ValueError(f"unknown operation {op}")
 
     def _extract(self, question: str, answer: str) -> list[str]:
@@ -260,3 +264,12 @@ class WorldBackend(CachedBackend):
         focus = self.focus(question, fact)
         triples = self.checker.triples(fact, focus)
         return bool(triples) and all(self.checker.gold_value(t.entity, t.attribute) == t.value for t in triples)
+
+    def _label(self, question: str, fact: str) -> str:
+        focus = self.focus(question, fact)
+        triples = self.checker.triples(fact, focus)
+        if not triples:
+            return "not_verifiable"
+        # the world is closed: a fact it does not hold (another value, an attribute the entity lacks) is false
+        ok = all(self.checker.gold_value(t.entity, t.attribute) == t.value for t in triples)
+        return "supported" if ok else "contradicted"
