@@ -161,3 +161,52 @@ def test_corpus_metrics_means(tiny_bert) -> None:
     assert out["rouge_l"] == pytest.approx(np.mean(rouge_l(preds, refs)))
     assert out["meteor"] == pytest.approx(np.mean(meteor(preds, refs)))
     assert 0 < out["bertscore_f1"] <= 1
+
+
+def test_bertscore_default_layer_is_bert_scores_for_known_encoders() -> None:
+    from kt_jax.eval.metrics import BERTSCORE_LAYERS, default_layer, encoder_name
+
+    assert default_layer("roberta-large", 24) == 17 and default_layer("FacebookAI/roberta-large", 24) == 17
+    assert default_layer("deberta-xlarge-mnli", 48) == 40 and default_layer("all-MiniLM-L6-v2", 6) == 6
+    assert default_layer("roberta-large", 3) == 3  # a smaller model than the name implies: its last layer
+    assert encoder_name("/hf/hub/models--FacebookAI--roberta-large/snapshots/abc123") == "FacebookAI/roberta-large"
+    assert encoder_name("/models/roberta-large/") == "roberta-large"
+    bert_score = pytest.importorskip("bert_score")
+    for name, layer in BERTSCORE_LAYERS.items():  # the table is bert-score's own
+        assert bert_score.utils.model2layers[name] == layer, name
+    assert bert_score.utils.lang2model["en"] == "roberta-large"
+
+
+@needs_wordnet
+def test_eval_uses_and_names_the_configured_bertscore_model_and_layer(tiny_bert, tmp_path) -> None:
+    import json
+    import shutil
+
+    import torch
+    import transformers
+
+    from kt_jax.eval.job import EvalConfig, evaluate_files
+
+    local = tmp_path / "roberta-large"  # a local copy named like the hub model: 24 layers, scored at layer 17
+    shutil.copytree(tiny_bert, local)
+    config = transformers.AutoConfig.from_pretrained(tiny_bert)
+    config.num_hidden_layers = 24
+    torch.manual_seed(1)
+    transformers.BertModel(config).save_pretrained(local)
+    scorer = BERTScorer(local)
+    assert (scorer.num_layers, scorer.label) == (17, "roberta-large, layer 17 of 24")
+    assert scorer.describe() == {"model": "roberta-large", "path": str(local), "layer": 17, "layers": 24,
+                                 "idf": False, "rescaled": False}
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"id": i, "question": "q", "reference": r, "prediction": p}) + "\n"
+                             for i, (p, r) in enumerate(PAIRS)))
+    for layers, label in ((None, "layer 17 of 24"), (5, "layer 5 of 24")):
+        out = tmp_path / f"eval_{layers}"
+        summary = evaluate_files(EvalConfig(predictions={"a": str(preds)}, out=str(out), bertscore_model=str(local),
+                                            bertscore_layers=layers), progress=False)
+        layer = 17 if layers is None else layers
+        assert summary["bertscore"]["layer"] == layer and summary["bertscore"]["model"] == "roberta-large"
+        by_hand = np.mean([_by_hand(local, layer, p, r)[2] for p, r in PAIRS])
+        assert summary["metrics"]["a"]["bertscore_f1"] == pytest.approx(by_hand, abs=1e-6)
+        report = (out / "report.md").read_text()
+        assert f"BERTScore F1 (roberta-large, {label})" in report and f"**BERTScore**: roberta-large, {label}" in report

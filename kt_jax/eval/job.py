@@ -26,8 +26,9 @@ class EvalConfig:
     baseline: str | None = None          # system the others are judged against (None: the first)
     limit: int | None = None             # only the first N questions
     bertscore: bool = True               # BERTScore F1 beside METEOR and ROUGE-L
-    bertscore_model: str | None = None   # local HF encoder dir (None: the packaged MiniLM)
-    bertscore_layers: int | None = None  # embedding layer (None: the last)
+    bertscore_model: str | None = None   # local HF encoder dir, e.g. roberta-large (None: the packaged MiniLM)
+    bertscore_layers: int | None = None  # embedding layer (None: bert-score's for a known encoder, 17 for
+                                         # roberta-large; else the last). The report names the model and layer.
     bertscore_idf: bool = False          # idf-weight tokens (idf from the references)
     judge: bool = False                  # pairwise LLM judge of each system vs the baseline
     facts: bool = False                  # extract and verify the facts of every answer
@@ -148,7 +149,10 @@ def evaluate_files(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         judge, consistency, facts = _judged(cfg, systems, baseline, out, progress)
     meta = {"systems": ", ".join(f"{k} ({len(v)} answers)" for k, v in systems.items()), "baseline": baseline,
             "judge backend": cfg.backend if (cfg.judge or cfg.facts) else "not used",
-            "BERTScore model": "skipped" if scorer is None else f"{scorer.model_path} (layer {scorer.num_layers})"}
-    report = write_report(out, metrics=metrics, judge=judge, consistency=consistency, facts=facts, meta=meta)
+            "BERTScore": "skipped" if scorer is None else f"{scorer.label} ({scorer.model_path}; no rescaling)"}
+    labels = {} if scorer is None else {"bertscore_f1": f"BERTScore F1 ({scorer.label})"}
+    report = write_report(out, metrics=metrics, judge=judge, consistency=consistency, facts=facts, meta=meta,
+                          metric_labels=labels)
     return {"metrics": metrics, "judge": judge, "orders_agree_pct": consistency, "facts": facts,
-            "baseline": baseline, "report": str(report), "seconds": time.perf_counter() - start}
+            "baseline": baseline, "bertscore": None if scorer is None else scorer.describe(), "report": str(report),
+            "seconds": time.perf_counter() - start}

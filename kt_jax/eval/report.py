@@ -123,10 +123,12 @@ def write_report(
     consistency: Mapping[str, Mapping[str, float]] | None = None,
     facts: Mapping[str, Mapping[str, float]] | None = None,
     meta: Mapping[str, Any] | None = None,
+    metric_labels: Mapping[str, str] | None = None,
 ) -> Path:
     """Write out_dir/report.md and its PNG plots; returns the report path.
 
-    metrics: system -> {metric: value}; judge: "system vs baseline" -> win_tie_lose table;
+    metrics: system -> {metric: value}; metric_labels: metric -> column header (e.g. the BERTScore model and layer);
+    judge: "system vs baseline" -> win_tie_lose table;
     consistency: same keys -> position agreement %; facts: system -> fact_summary (either method).
     """
     out = Path(out_dir)
@@ -137,8 +139,8 @@ def write_report(
     if metrics:
         names = sorted({k for v in metrics.values() for k in v})
         md += ["", "## Reference-based metrics", "",
-               _table(["system", *names], [[s, *[float(m.get(n, float("nan"))) for n in names]]
-                                           for s, m in metrics.items()])]
+               _table(["system", *[(metric_labels or {}).get(n, n) for n in names]],
+                      [[s, *[float(m.get(n, float("nan"))) for n in names]] for s, m in metrics.items()])]
         scaled = {s: {n: 100.0 * float(v) for n, v in m.items()} for s, m in metrics.items()}
         plot_grouped(scaled, "Reference-based metrics (x100)", out / "plots" / "metrics.png")
         md += ["", "![metrics](plots/metrics.png)"]
