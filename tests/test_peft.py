@@ -157,3 +157,16 @@ def test_unsupported_config_and_bad_tensors_are_refused(adapter_dir, llama2_dir)
     save_file({**tensors, "base_model.model.lm_head.lora_A.weight": tensors[key]}, weights)
     with pytest.raises(CheckpointError, match=r"unexpected tensor.*lm_head"):
         load_adapter(model, adapter_dir)
+
+
+def test_train_job_checks_init_adapter_before_loading(adapter_dir, llama2_dir, tmp_path):
+    from kt_jax.train.job import TrainJobConfig, run_training
+
+    job = TrainJobConfig(model=str(llama2_dir), train_file=str(tmp_path / "absent.jsonl"), kind="kc",
+                         output_dir=str(tmp_path / "out"), init_adapter=str(adapter_dir), lora=LoRAConfig(rank=4))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(adapter_dir / ADAPTER_CONFIG))}: target_modules="):
+        run_training(job)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="init_adapter: a LoRA adapter needs finetuning: lora"):
+        TrainJobConfig(model="m", train_file="t", output_dir="o", init_adapter=str(adapter_dir),
+                       finetuning="full").validate()
