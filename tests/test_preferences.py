@@ -211,3 +211,31 @@ def test_anthropic_backend_against_the_fake_api_equals_offline_and_reruns_free(t
         assert [build_rlaif_pairs(backend, sample, cfg).records,
                 build_facttune_pairs(backend, sample, cfg).records] == expected
         assert sum(server.http_requests.values()) == 0 and backend.stats.get("computed") == 0
+
+
+def test_world_backend_pairs_are_exact(tmp_path) -> None:
+    """On a generated world: the true complete answer outranks a partial one (RLAIF) and every chosen answer is all
+    true while every rejected one is all false by the world's checker (both builders)."""
+    from kt_jax.world import Checker, WorldConfig, generate_world, splits
+    from kt_jax.world.render import record
+
+    world = generate_world(WorldConfig(seed=0))
+    backend = make_backend("world", world=str(world.save(tmp_path / "world.json")))
+    questions = [q for q in splits(world)["train"] if len(q.attributes) >= 2][:5]
+    samples = []
+    for q in questions:
+        row = record(world, q)
+        facts = backend.extract(row["instruction"], row["output"])
+        wrong = backend.combine(row["instruction"], backend.revise(row["instruction"], facts))
+        samples.append({"question": row["instruction"], "reference": row["output"],
+                        "answers": [backend.combine(row["instruction"], facts[:1]), row["output"], wrong]})
+    checker = Checker(world)
+    rlaif = build_rlaif_pairs(backend, samples, PreferenceConfig(k=3, workers=1))
+    facttune = build_facttune_pairs(backend, samples, PreferenceConfig(k=3, workers=1))
+    assert [(r.chosen, r.rejected) for r in rlaif.records] == [(s["answers"][1], s["answers"][2]) for s in samples]
+    assert [s["scores"] for s in facttune.scores] == [[1.0, 1.0, 0.0]] * len(samples)
+    for out in (rlaif, facttune):
+        assert not out.rejects and len(out.records) == len(questions)
+        for rec, q in zip(out.records, questions, strict=True):
+            chosen, rejected = (checker.check(t, q.entity_id, q.attributes) for t in (rec.chosen, rec.rejected))
+            assert chosen.factuality == 1.0 and not rejected.correct and rejected.wrong
