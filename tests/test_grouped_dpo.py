@@ -85,12 +85,11 @@ def _place(model: Llama, mesh) -> Llama:
 
 def _pair_texts(batch: GroupedPreferenceBatch) -> list[tuple[str, str, float, float]]:
     """(chosen text, rejected text, ref chosen, ref rejected) of every filled pair slot of a host batch."""
-    ids, seg, grp = batch.seq.input_ids, batch.seq.segment_ids, batch.group_ids
     out = []
-    for b in range(ids.shape[0]):
-        def text(s: int) -> str:
-            g = grp[b][seg[b] == s][0]
-            return Bytes().decode(np.concatenate([ids[b][(grp[b] == g) & (seg[b] == 0)], ids[b][seg[b] == s]]))
+    for b in range(batch.seq.input_ids.shape[0]):
+        ids, seg, grp = batch.seq.input_ids[b], batch.seq.segment_ids[b], batch.group_ids[b]
+        text = lambda s, ids=ids, seg=seg, grp=grp: Bytes().decode(
+            np.concatenate([ids[(grp == grp[seg == s][0]) & (seg == 0)], ids[seg == s]]))  # shared prompt + answer
         for k in range(batch.chosen_seg.shape[1]):
             if batch.chosen_seg[b, k]:
                 out.append((text(batch.chosen_seg[b, k]), text(batch.rejected_seg[b, k]),
@@ -161,12 +160,9 @@ def test_resume_inside_a_split_group() -> None:
             jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
-def _loader_batches(recs: list[KCRecord]) -> tuple[GroupedPreferenceBatch, PreferenceBatch]:
-    """The same pairs as one grouped batch (8 rows) and one per-pair batch (24 rows, the spare ones padding)."""
-    grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=8, max_len=320), task=_dpo()))
-    assert len(grouped) == 2  # 10 rows: 8 + 2
-    per_pair = list(make_dataset(recs, Bytes(), _cfg(batch_size=24, group_preferences=False), task=_dpo()))
-    assert len(per_pair) == 1
+def _loader_batches(recs: list[KCRecord], rows: int = 8) -> tuple[GroupedPreferenceBatch, PreferenceBatch]:
+    """The first grouped batch (`rows` rows) and a per-pair batch of its pairs (24 rows, the spare ones padding)."""
+    grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=rows), task=_dpo()))
     n = len(_pair_texts(grouped[0]))
     # the first grouped batch holds the records of the first groups (shuffle off): keep those pairs only
     keep = {p[:2] for p in _pair_texts(grouped[0])}
@@ -180,6 +176,7 @@ def _loader_batches(recs: list[KCRecord]) -> tuple[GroupedPreferenceBatch, Prefe
 def test_loss_and_metrics_equal_per_pair_on_meshes(mesh) -> None:
     recs = kc_records()
     grouped, per_pair = _loader_batches(recs)
+    assert len(_pair_texts(grouped)) == 18  # groups Q0-Q7: 17 shared pairs and the per-pair fallback row
     assert grouped.seq.input_ids.shape[1] == 512 and per_pair.chosen.input_ids.shape == (24, 320)
     loss_fn = make_dpo_loss(DPOConfig(beta=0.1, sft_weight=0.3), chunk_size=64)
     tx = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
@@ -194,14 +191,18 @@ def test_loss_and_metrics_equal_per_pair_on_meshes(mesh) -> None:
     assert got["tokens"] < 0.7 * want["tokens"]
 
 
+@pytest.mark.slow
 def test_per_pair_logps_and_gradients_equal_per_pair() -> None:
-    recs = kc_records()
-    grouped, per_pair = _loader_batches(recs)
+    recs = kc_records()[:9]  # groups Q0-Q3 (3, 2, 1, 3 pairs): one grouped batch of 4 rows
+    grouped, per_pair = _loader_batches(recs, rows=4)
+    assert int((grouped.chosen_seg > 0).sum()) == 9
     model = _tiny_model()
     g = jax.tree.map(jnp.asarray, grouped)
     p = jax.tree.map(jnp.asarray, per_pair)
-    pc, pr, nc, nr, rc, rr = (np.asarray(x) for x in preference_logps(model, g, chunk_size=64))
-    qc, qr, mc, mr, sc, sr = (np.asarray(x) for x in preference_logps(model, p, chunk_size=64))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    logps = jax.jit(lambda prm, batch: preference_logps(nnx.merge(graphdef, prm, rest), batch, chunk_size=64))
+    pc, pr, nc, nr, rc, rr = (np.asarray(x) for x in logps(params, g))
+    qc, qr, mc, mr, sc, sr = (np.asarray(x) for x in logps(params, p))
     filled = nc > 0
     n = int(filled.sum())
     # grouped slots in row order are the per-pair rows in order (shuffle off, groups in record order)
@@ -209,12 +210,8 @@ def test_per_pair_logps_and_gradients_equal_per_pair() -> None:
         np.testing.assert_allclose(a[filled], b[:n], rtol=1e-5, atol=1e-5)
     cfg = DPOConfig(beta=0.1, sft_weight=0.3)
     loss_fn = make_dpo_loss(cfg, chunk_size=64)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def grads(batch):
-        return jax.grad(lambda prm: loss_fn(nnx.merge(graphdef, prm, rest), batch)[0])(params)
-
-    for a, b in zip(jax.tree.leaves(grads(g)), jax.tree.leaves(grads(p)), strict=True):
+    grads = jax.jit(jax.grad(lambda prm, batch: loss_fn(nnx.merge(graphdef, prm, rest), batch)[0]))
+    for a, b in zip(jax.tree.leaves(grads(params, g)), jax.tree.leaves(grads(params, p)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
@@ -237,7 +234,8 @@ def test_accumulated_train_step_equals_per_pair() -> None:
         out.append((jax.device_get(metrics), jax.device_get(params)))
     for name in (*METRICS, "grad_norm"):
         np.testing.assert_allclose(out[0][0][name], out[1][0][name], rtol=1e-5, atol=1e-5, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[0][1], out[1][1])
+    # AdamW divides by sqrt(v): near-zero gradients turn float32 rounding into update noise well below lr = 1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out[0][1], out[1][1])
 
 
 def test_grouping_is_on_by_default_and_off_gives_pairs() -> None:

@@ -295,3 +295,33 @@ def test_two_real_processes_load_only_their_slice(tmp_path: Path) -> None:
     assert all(s[0] == 8 for s in results[0]["shapes"])
     assert results[0]["local_rows"] != results[1]["local_rows"]  # each process holds different rows
     assert results[0]["counts"]["examples"] == results[1]["counts"]["examples"] == 12  # its own half only
+
+
+
+def test_grouped_preference_iterator_orbax_checkpoint(tmp_path: Path) -> None:
+    """A grouped DPO iterator saved inside a group (its two rows in two batches) restores to the same batches."""
+    import orbax.checkpoint as ocp
+
+    from kt_jax.data.batch import GroupedPreferenceBatch
+
+    rng = np.random.default_rng(2)
+    chosen = ["c" * int(rng.integers(20, 60)) for _ in range(5)]
+    recs = [KCRecord(f"Q{g}?", chosen[g], "r" * int(rng.integers(20, 60)) + str(k), "factuality",
+                     ref_chosen_logp=-float(g), ref_rejected_logp=-float(k)) for g in range(5) for k in range(3)]
+    cfg = DataConfig(max_len=400, batch_size=1, seed=1, group_pairs=2)  # 3 rejected, 2 slots: each group = 2 rows
+    ds = make_dataset(recs, Bytes(), cfg, task=Task.DPO)
+    it = iter(ds)
+    reference = [next(it) for _ in range(14)]  # crosses an epoch (5 groups = 10 rows)
+    assert all(isinstance(b, GroupedPreferenceBatch) for b in reference)
+    assert [int((b.chosen_seg > 0).sum()) for b in reference[:4]] == [2, 1, 2, 1]
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    assert it.get_state()["part"] == 1  # the third batch took the first row of the second group
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
+        m.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        m.wait_until_finished()
+        fresh = iter(ds)
+        m.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    for want in reference[3:]:
+        jax.tree.map(np.testing.assert_array_equal, next(fresh), want)
