@@ -239,3 +239,27 @@ def test_world_backend_pairs_are_exact(tmp_path) -> None:
         for rec, q in zip(out.records, questions, strict=True):
             chosen, rejected = (checker.check(t, q.entity_id, q.attributes) for t in (rec.chosen, rec.rejected))
             assert chosen.factuality == 1.0 and not rejected.correct and rejected.wrong
+
+
+def test_samples_from_predictions_join_seeds_by_id(tmp_path) -> None:
+    import json
+
+    from kt_jax.knowledge.preferences import samples_from_predictions
+
+    def write(name: str, rows: list[tuple[int, str, str]]) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": i, "question": q, "input": "", "reference": "r", "prediction": p})
+                                + "\n" for i, q, p in rows))
+        return str(path)
+
+    seed0 = write("s0.jsonl", [(0, "Q0?", "a0"), (1, "Q1?", "b0")])
+    seed1 = write("s1.jsonl", [(1, "Q1?", "b1"), (0, "Q0?", "a1")])
+    assert samples_from_predictions([seed0, seed1]) == [
+        {"id": 0, "question": "Q0?", "input": "", "reference": "r", "answers": ["a0", "a1"]},
+        {"id": 1, "question": "Q1?", "input": "", "reference": "r", "answers": ["b0", "b1"]}]
+    with pytest.raises(DataError, match=r"s2.jsonl: lacks id\(s\) \[1\]"):
+        samples_from_predictions([seed0, write("s2.jsonl", [(0, "Q0?", "a2")])])
+    with pytest.raises(DataError, match=r"s3.jsonl: row 0: field 'id': 0 is not the same question"):
+        samples_from_predictions([seed0, write("s3.jsonl", [(0, "Other?", "x"), (1, "Q1?", "y")])])
+    with pytest.raises(DataError, match=r"s4.jsonl: row 1: field 'id': 0 appears twice"):
+        samples_from_predictions([write("s4.jsonl", [(0, "Q0?", "a"), (0, "Q0?", "b")])])

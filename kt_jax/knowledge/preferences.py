@@ -12,7 +12,8 @@ Pairing (`PreferenceConfig.pairing`): "best_vs_worst", the highest against the l
 pair of answers whose scores differ by more than `margin`. A pair whose scores differ by `margin` or less is a tie
 and is skipped. Among equal scores the earlier answer of the sample wins the choice, so the output is deterministic.
 Samples are rows {"question", "input" (optional), "reference", "answers": [k strings], "id" (optional)}; the first
-`k` answers are used, stripped, with empty ones and repeats dropped (counted in the stats).
+`k` answers are used, stripped, with empty ones and repeats dropped (counted in the stats). `samples_from_predictions`
+joins k predictions.jsonl files (`inference/generate_file.py`, one per sampling seed) into such rows by `id`.
 Output records are `KCRecord(question, chosen, rejected, aspect="rlaif" | "facttune", input)` with empty reference
 log-probs, written by `kt_jax.data.records` as LLaMA-Factory ranking rows. Every backend call goes through the
 backend's cache (`CachedBackend.call`), so an interrupted build resumes and a re-run makes no call.
@@ -25,9 +26,10 @@ import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
-from kt_jax.data.records import KCRecord
+from kt_jax.data.records import KCRecord, read_rows
 from kt_jax.data.templates import question_text
 from kt_jax.errors import ConfigError, DataError
 from kt_jax.eval.judge import ASPECTS, RECONCILE, reconcile
@@ -113,6 +115,32 @@ def parse_samples(rows: Sequence[Any], k: int, where: str = "samples") -> tuple[
                 kept.append(answer)
         samples.append(Sample(row.get("id", i), row["question"], row.get("input", ""), row["reference"], tuple(kept)))
     return samples, stats
+
+
+def samples_from_predictions(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Sample rows joined by `id` from predictions.jsonl files (one per seed): answers in the order of `paths`."""
+    by_id: dict[Any, dict[str, Any]] = {}
+    for n, path in enumerate(paths):
+        seen = set()
+        for i, row in enumerate(read_rows(path)):
+            at = f"{path}: row {i}"
+            missing = [k for k in ("id", "question", "reference", "prediction") if k not in row]
+            if missing:
+                raise DataError(f"{at}: missing field(s) {', '.join(missing)}")
+            key = row["id"]
+            if key in seen:
+                raise DataError(f"{at}: field 'id': {key!r} appears twice")
+            seen.add(key)
+            if n == 0:
+                by_id[key] = {"id": key, "question": row["question"], "input": row.get("input", ""),
+                              "reference": row["reference"], "answers": []}
+            elif key not in by_id or by_id[key]["question"] != row["question"]:
+                raise DataError(f"{at}: field 'id': {key!r} is not the same question in {paths[0]}")
+            by_id[key]["answers"].append(row["prediction"])
+        lacking = [k for k in by_id if k not in seen]
+        if lacking:
+            raise DataError(f"{path}: lacks id(s) {lacking[:5]} (of {len(lacking)}) that {paths[0]} has")
+    return list(by_id.values())  # the first file's order
 
 
 def pair_indices(scores: Sequence[float | None], pairing: str, margin: float) -> list[tuple[int, int]]:
