@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kt_jax.data.templates import alpaca_prompt, encode_pair, prompt_text, question_text
+from kt_jax.data.templates import alpaca_prompt, encode_pair, encode_prompt, prompt_text, question_text
 from kt_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer, train_sentencepiece_tokenizer
 from kt_jax.errors import ConfigError
 from tests.test_tokenizer import corpus_lines
@@ -142,3 +142,11 @@ def test_bos_eos_options(spm_tok) -> None:
 
     q = encode_pair(NoBos(), "Q", "ü", max_len=8)
     assert q.prompt_ids == [81] and q.response_ids == [195, 188, 0]
+
+
+def test_encode_prompt_is_the_pair_prompt_with_or_without_bos(spm_tok) -> None:
+    prompt = alpaca_prompt(*QUESTIONS[1])
+    with_bos, without = encode_prompt(spm_tok, prompt), encode_prompt(spm_tok, prompt, add_bos=False)
+    assert with_bos == [spm_tok.bos_id, *spm_tok.encode(prompt)] and without == with_bos[1:]
+    for add_bos, ids in ((True, with_bos), (False, without)):
+        assert encode_pair(spm_tok, prompt, "Paris.", max_len=4096, add_bos=add_bos).prompt_ids == ids
