@@ -61,6 +61,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 CAVEATS = (
     "compiled for {platform} devices: XLA's buffer assignment, fusion and rematerialisation differ per backend, "
     "so treat the bytes as an order-of-magnitude check of a TPU/GPU run, not a guarantee",
+    "arguments (parameters, frozen weights, optimizer state, batch) follow from shapes, dtypes and the mesh alone: "
+    "they carry over to any backend (up to layout padding); temporaries do not",
+    "with FSDP, XLA:CPU's schedule keeps every layer's all-gathered weights live at once, so CPU temporaries can "
+    "exceed the whole model's size; TPU/GPU schedulers gather layer by layer and need far less",
     "no TPU tiled layouts (padding to (8,128) tiles can add memory for small or odd dimensions)",
     "no HBM fragmentation or runtime reserve: keep ~10-15% headroom below the device's memory",
     "FLOPs are XLA's count for the compiled program (per device), not a time estimate",
