@@ -36,11 +36,15 @@ class EvalConfig:
     backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # model, base_url, cache...
     reconcile: str = "strict"            # how the two answer orders combine (strict: a win must hold in both)
     workers: int = 4                     # concurrent backend calls
+    facts_method: str = "factscore"      # factscore: supported | contradicted | not verifiable (reference + judge
+    #                                      knowledge) | reference: supported by the reference answer or not
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the key."""
         if self.baseline is not None and self.predictions and self.baseline not in self.predictions:
             raise ConfigError(f"--baseline {self.baseline!r} is not one of the systems {sorted(self.predictions)}")
+        if self.facts_method not in ("factscore", "reference"):
+            raise ConfigError(f"facts_method: {self.facts_method!r} is not one of factscore, reference")
         if self.reconcile not in ("strict", "sum"):
             raise ConfigError(f"reconcile: {self.reconcile!r} is not one of strict, sum")
 
@@ -115,7 +119,7 @@ def _judged(cfg: EvalConfig, systems: dict[str, list[dict[str, Any]]], baseline:
         for name, rows in systems.items():
             with bar(len(rows), f"facts {name}") as b:
                 results = evaluate_facts(backend, [(r["question"], r["prediction"], r["reference"]) for r in rows],
-                                         workers=cfg.workers, progress=b.update)
+                                         workers=cfg.workers, progress=b.update, method=cfg.facts_method)
             facts[name] = fact_summary(results)
             _write_jsonl(out / f"facts_{name}.jsonl", [{"id": r["id"], **res}
                                                        for r, res in zip(rows, results, strict=True)])
