@@ -135,8 +135,8 @@ def _job(tiny: Path, out: Path, **train: object) -> TrainJobConfig:
     tcfg = TrainConfig(num_steps=6, eval_rows=4, eval_every_frac=1 / 6, save_every=1, compute_dtype="float32",
                        progress=False, tensorboard=False, async_checkpoints=False, chunk_size=16, keep_checkpoints=10)
     return TrainJobConfig(model=str(tiny / "model"), train_file=str(tiny / "qa.jsonl"), output_dir=str(out),
-                          kind="qa", finetuning="full", data=DataConfig(max_len=128, batch_size=4, pack=False),
-                          optim=OptimConfig(learning_rate=0.05), train=dataclasses.replace(tcfg, **train))
+                          kind="qa", finetuning="full", data=DataConfig(max_len=128, batch_size=8, pack=False),
+                          optim=OptimConfig(learning_rate=1.0), train=dataclasses.replace(tcfg, **train))
 
 
 def _exported(run: Path) -> np.ndarray:
@@ -152,7 +152,7 @@ def _exported(run: Path) -> np.ndarray:
 def test_export_final_weights_by_default_and_best_on_request(tiny, tmp_path) -> None:
     final = run_training(_job(tiny, tmp_path / "final"))
     best = run_training(_job(tiny, tmp_path / "best", export_weights="best"))
-    assert final["best_step"] == best["best_step"] and final["best_step"] not in (None, 6)  # lr 0.05 overshoots
+    assert final["best_step"] == best["best_step"] and final["best_step"] not in (None, 6)  # lr 1 overshoots
     assert (final["export_weights"], final["export_step"]) == ("final", 6)
     assert (best["export_weights"], best["export_step"]) == ("best", best["best_step"])
     assert not np.array_equal(_exported(tmp_path / "final"), _exported(tmp_path / "best"))
@@ -202,12 +202,16 @@ def test_reference_logps_in_the_policy_dtype_by_default_float32_on_request(tiny,
     from kt_jax.data.tokenizer import load_tokenizer
     from kt_jax.inference.scoring import sequence_logprobs
     from kt_jax.model.hf import load_pretrained
+    from kt_jax.sharding import MeshConfig
 
     tok = load_tokenizer(tiny / "model")
     recs, _ = read_records(tiny / "kc.jsonl", "kc")
-    pairs = [(alpaca_prompt(r.question), r.chosen) for r in recs]
-    direct = {d: [s for s, _ in sequence_logprobs(load_pretrained(tiny / "model", dtype=getattr(jnp, d)), tok, pairs,
-                                                  max_len=128)] for d in ("bfloat16", "float32")}
+    pairs = [(alpaca_prompt(r.question), side) for r in recs for side in (r.chosen, r.rejected)]
+    mesh = MeshConfig().build()  # the job's mesh, so bf16 sums see the same layout
+    direct = {}
+    for d in ("bfloat16", "float32"):
+        base = load_pretrained(tiny / "model", mesh=mesh, dtype=getattr(jnp, d), param_dtype=jnp.float32)
+        direct[d] = [s for s, _ in sequence_logprobs(base, tok, pairs, max_len=128, mesh=mesh)][::2]
     stored = {}
     for option, dtype in (("policy", "bfloat16"), ("float32", "float32")):
         job = _job(tiny, tmp_path / option, num_steps=1, eval_rows=0, compute_dtype="bfloat16")
