@@ -103,6 +103,7 @@ def _real_step(llama2_dir, mesh, tune: TuneConfig):
     return step, (params, opt_state, ts.frozen, micro)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
 def test_plan_matches_the_real_step_after_it_ran(llama2_dir, mesh, finetuning: str) -> None:
     """Abstract shapes compile to the program training runs: same per-device bytes and FLOPs; the live state
