@@ -120,7 +120,8 @@ class Plan:
         return [{"program": s.name, "tokens": s.tokens, "arguments": s.argument_bytes, "outputs": s.output_bytes,
                  "aliased": s.alias_bytes, "temporaries": s.temp_bytes, "total": s.total_bytes,
                  "flops_per_device": s.flops, "flops_total": s.flops * self.devices,
-                 "share_of_memory": s.total_bytes / self.accelerator.memory_bytes, "verdict": self.verdict(s),
+                 "share_of_memory": s.total_bytes / self.accelerator.memory_bytes,
+                 "arguments_share": s.argument_bytes / self.accelerator.memory_bytes, "verdict": self.verdict(s),
                  "compile_seconds": s.compile_seconds} for s in self.steps]
 
     def render(self) -> str:
@@ -136,7 +137,8 @@ class Plan:
             lines.append(f"{row['program']:10s} {row['tokens']:8d} {gib(row['arguments'])} "
                          f"{gib(row['outputs'] - row['aliased'])} {gib(row['temporaries'])} {gib(row['total'])} "
                          f" {row['flops_per_device'] / 1e12:10.2f}  {row['verdict']} "
-                         f"({100 * row['share_of_memory']:.0f}%)")
+                         f"({100 * row['share_of_memory']:.0f}%; arguments alone "
+                         f"{100 * row['arguments_share']:.0f}%)")
         lines += ["", "per device; outputs exclude those written into donated arguments. What this can tell:"]
         lines += [f"- {c.format(platform=self.platform)}" for c in CAVEATS]
         return "\n".join(lines)

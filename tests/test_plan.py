@@ -29,7 +29,7 @@ from kt_jax.train.job import TuneConfig
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **LLAMA2_TINY}
 KEYS = {"program", "tokens", "arguments", "outputs", "aliased", "temporaries", "total", "flops_per_device",
-        "flops_total", "share_of_memory", "verdict", "compile_seconds"}
+        "flops_total", "share_of_memory", "arguments_share", "verdict", "compile_seconds"}
 
 
 def _tune(finetuning: str = "full", remat: bool = False, batch: int = 8, length: int = 64) -> TuneConfig:
