@@ -59,16 +59,18 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CAVEATS = (
-    "compiled for {platform} devices: XLA's buffer assignment, fusion and rematerialisation differ per backend, "
+    "compiled for {platform} devices: XLA's buffer assignment, fusion, scheduling and rematerialisation differ "
+    "per backend (on CPU, `kt-jax plan` picks XLA:CPU's memory-minimising scheduler: CPU_SCHEDULER_FLAG), "
     "so treat the bytes as an order-of-magnitude check of a TPU/GPU run, not a guarantee",
     "arguments (parameters, frozen weights, optimizer state, batch) follow from shapes, dtypes and the mesh alone: "
     "they carry over to any backend (up to layout padding); temporaries do not",
-    "with FSDP, XLA:CPU's schedule keeps every layer's all-gathered weights live at once, so CPU temporaries can "
-    "exceed the whole model's size; TPU/GPU schedulers gather layer by layer and need far less",
+    "with FSDP, XLA:CPU's schedule keeps many layers' all-gathered weights live at once, so CPU temporaries can "
+    "approach the whole model's size; TPU/GPU schedulers gather layer by layer and need less",
     "no TPU tiled layouts (padding to (8,128) tiles can add memory for small or odd dimensions)",
     "no HBM fragmentation or runtime reserve: keep ~10-15% headroom below the device's memory",
     "FLOPs are XLA's count for the compiled program (per device), not a time estimate",
 )
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"  # the default keeps more buffers live
 TIGHT = 0.85  # above this share of device memory the verdict is "tight"
 
 
@@ -140,7 +142,8 @@ class Plan:
                          f"({100 * row['share_of_memory']:.0f}%; arguments alone "
                          f"{100 * row['arguments_share']:.0f}%)")
         lines += ["", "per device; outputs exclude those written into donated arguments. What this can tell:"]
-        lines += [f"- {c.format(platform=self.platform)}" for c in CAVEATS]
+        lines += [f"- {c.format(platform=self.platform).replace('CPU_SCHEDULER_FLAG', CPU_SCHEDULER_FLAG)}"
+                  for c in CAVEATS]
         return "\n".join(lines)
 
 

@@ -23,16 +23,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _devices(n: int) -> tuple[list, str]:
     """`n` devices: real accelerators when JAX has them, else `n` emulated CPU devices (set before JAX starts)."""
+    import os
+
     import jax
 
     from kt_jax.errors import ConfigError
+    from kt_jax.plan import CPU_SCHEDULER_FLAG
 
-    note = ""
+    flags = os.environ.get("XLA_FLAGS", "")
     try:
         jax.config.update("jax_num_cpu_devices", n)
-        note = f"(set jax_num_cpu_devices={n}, as XLA_FLAGS=--xla_force_host_platform_device_count={n} would)"
+        if "concurrency_optimized_scheduler" not in flags:  # read when the backend starts, i.e. after this
+            os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
+        note = (f"(set jax_num_cpu_devices={n}, as XLA_FLAGS=--xla_force_host_platform_device_count={n} would, "
+                f"and {CPU_SCHEDULER_FLAG})")
     except RuntimeError:  # JAX already started: use what it has
-        note = "(JAX was already initialised; using its devices)"
+        note = "(JAX was already initialised: its devices and XLA flags as they are)"
     devices = jax.devices()
     if len(devices) < n:
         raise ConfigError(f"--devices {n}: only {len(devices)} {devices[0].platform} devices are available")
