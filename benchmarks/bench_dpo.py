@@ -124,7 +124,7 @@ def main() -> int:
     import common
 
     load0 = os.getloadavg()
-    print(common.matmul_peak(reps=2 if args.quick else 5).line(), flush=True)
+    print(common.matmul_peak().line(), flush=True)
     n_params = args.layers * (4 * args.hidden**2 + 3 * args.hidden * args.ffn) + 2 * args.vocab * args.hidden
     print(f"model ~{n_params / 1e6:.1f}M params ({args.finetuning}), {args.groups} questions x {args.rejected} pairs "
           f"per step, {os.cpu_count()} CPUs, load avg before {load0[0]:.1f}" + (" [--quick]" if args.quick else ""))
