@@ -73,7 +73,10 @@ def save_adapter(model: nnx.Module, path: str | Path, cfg: LoRAConfig, base_mode
 
 
 def read_adapter_config(path: str | Path) -> LoRAConfig:
-    """The LoRAConfig of a PEFT adapter directory (ConfigError naming the file and key when we cannot run it)."""
+    """The LoRAConfig of a PEFT adapter directory (ConfigError naming the file and key when we cannot run it).
+
+    `lora_dropout` is not carried over: it only shapes training, and kt-jax trains adapters without dropout.
+    """
     file = Path(path) / ADAPTER_CONFIG
     if not file.exists():
         raise ConfigError(f"{file}: not found (is {path} a PEFT adapter directory?)")
@@ -123,7 +126,9 @@ def load_adapter(model: nnx.Module, path: str | Path) -> nnx.Module:
     """
     file = Path(path) / ADAPTER_WEIGHTS
     if not file.exists():
-        raise CheckpointError(f"{file}: not found (is {path} a PEFT adapter directory?)")
+        pickled = Path(path) / "adapter_model.bin"
+        hint = f" ({pickled.name} found: re-save it with safetensors)" if pickled.exists() else ""
+        raise CheckpointError(f"{file}: not found (is {path} a PEFT adapter directory?){hint}")
     variables = _lora_variables(model)
     with safe_open(file, "numpy") as f:
         names = set(f.keys())
