@@ -157,3 +157,23 @@ def test_cli_plan_prints_the_table(tmp_path, capsys) -> None:
     assert cli.main(["plan", "--config", "configs/dolly-llama2-7b.yaml", "--model-config", "llama2-7b",
                      "--devices", "64"]) == 2
     assert "only 8 cpu devices" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_plan_in_a_fresh_process_sets_the_cpu_devices_and_says_so(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = "import sys; from kt_jax import cli; sys.exit(cli.main(sys.argv[1:]))"
+    argv = ["plan", "--config", "configs/dolly-llama2-7b.yaml", "--devices", "2", "--json", f"base_model={tmp_path}",
+            "knowledge.max_len=32", *[f"{s}.data.{k}={v}" for s in ("sft", "dpo") for k, v in (("max_len", 32),
+                                                                                               ("batch_size", 2))]]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads(done.stdout)
+    assert table["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1} and table["platform"] == "cpu"
+    assert [r["program"] for r in table["rows"]] == ["sft", "dpo", "scoring"]
+    assert "set jax_num_cpu_devices=2" in done.stderr and "concurrency_optimized_scheduler=false" in done.stderr

@@ -47,6 +47,7 @@ def _devices(n: int) -> tuple[list, str]:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from kt_jax.errors import ConfigError
     from kt_jax.plan import load_run_config, plan_run
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     mesh = cfg.mesh.build(devices)
     plan = plan_run(cfg, mesh, args.accelerator, args.model_config)
     if args.json:
+        print(f"{len(devices)} {plan.platform} devices {note}", file=sys.stderr)
         print(json.dumps({"model": plan.model, "mesh": plan.mesh, "platform": plan.platform,
                           "accelerator": plan.accelerator.name, "rows": plan.table()}, indent=2))
     else:
