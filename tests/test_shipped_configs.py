@@ -85,3 +85,61 @@ def test_shipped_config_runs_end_to_end(name: str, tmp_path: Path, capsys: pytes
     report = (run_dir / "report.md").read_text()
     assert "| SFT |" in report and "| KnowTuning |" in report
     assert f"kt-jax run {cfg['name']}: done" in out.out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_every_system_runs_on_a_paper_config(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """All systems (ablations, RLAIF, FactTune, the step control) train and get a report row; offline backend.
+
+    A tiny random Llama's sampled answers are all noise, which every judge ties (no pair): the RLAIF/FactTune
+    samples are replaced by answers of known quality (seed 0: the reference; others: its first sentence plus a
+    false one), so that the rest of their path (pairs, reference log-probs, DPO, generation, report) runs for real.
+    """
+    import kt_jax.inference.generate_file as gf
+    from kt_jax.data.records import write_rows
+    from kt_jax.workflow.config import SYSTEM_LABELS, SYSTEMS
+
+    real_generate = gf.generate_file
+
+    def generate_file(cfg, *, mesh, progress=True):
+        if Path(cfg.out).parent.name != "samples":
+            return real_generate(cfg, mesh=mesh, progress=progress)
+        rows = json.loads(Path(cfg.data).read_text())
+        answers = [r["output"] if cfg.seed == 0 else r["output"].split(". ")[0] + ". The moon is made of cheese."
+                   for r in rows]
+        write_rows(Path(cfg.out) / "predictions.jsonl", [
+            {"id": i, "question": r["instruction"], "input": r["input"], "reference": r["output"], "prediction": a,
+             "new_tokens": 1, "finished": True} for i, (r, a) in enumerate(zip(rows, answers, strict=True))])
+        return {"rows": len(rows)}
+
+    monkeypatch.setattr(gf, "generate_file", generate_file)
+
+    name = PAPER_CONFIGS[0]
+    rows = _rows(name, tmp_path)[:24]
+    (tmp_path / "train.json").write_text(json.dumps(rows[:20]))
+    (tmp_path / "test.json").write_text(json.dumps(rows[20:]))
+    base = _tiny_base(name, rows, tmp_path / "base")
+    run_dir = tmp_path / "run"
+    code = main(["run", "--config", str(ROOT / "configs" / f"{name}.yaml"), f"run_dir={run_dir}",
+                 f"base_model={base}", f"train_file={tmp_path / 'train.json'}", f"test_file={tmp_path / 'test.json'}",
+                 "knowledge.backend=offline", "knowledge.backend_options:={}", "eval.backend=offline",
+                 "eval.backend_options:={}", "generate.max_new_tokens=12", f"systems=[{','.join(SYSTEMS)}]",
+                 "preferences.k=2", "sft.data.max_len=256", "dpo.data.max_len=256", "knowledge.max_len=256",
+                 "sft.train.num_epochs=1", "eval.bertscore=false"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["metrics"]) == list(SYSTEMS)
+    report = (run_dir / "report.md").read_text()
+    for system in SYSTEMS:
+        assert f"| {SYSTEM_LABELS[system]} |" in report
+    ka_steps = json.loads((run_dir / "stages" / "ka.json").read_text())["summary"]["total_steps"]
+    assert json.loads((run_dir / "train" / "sft_steps" / "summary.json").read_text())["steps"] == ka_steps
+    for method in ("rlaif", "facttune"):
+        pairs = (run_dir / "knowledge" / f"{method}_ref.jsonl").read_text().splitlines()
+        assert all(json.loads(p)["aspect"] == method for p in pairs)
+    for drop, aspect in (("no_kcc", "completeness"), ("no_kfc", "factuality"), ("no_klc", "logicality")):
+        kept = [json.loads(p) for p in (run_dir / "knowledge" / f"kc_ref_{drop}.jsonl").read_text().splitlines()]
+        assert kept and all(r["aspect"] != aspect for r in kept)

@@ -163,8 +163,9 @@ def attach_reference_logps(model: Any, tok: Any, records: list[Any], spec: Refer
                 for a, b in zip(cached, records, strict=True)):
             return cached
     todo = [i for i, r in enumerate(records) if r.ref_chosen_logp is None or r.ref_rejected_logp is None]
-    if not todo:
-        return records  # the input file carries them (e.g. `kt-jax run`'s reference stage)
+    if not todo:  # the input carries them (e.g. `kt-jax run`'s reference stage): kept as given, no stamp
+        write_records(out_path, records)
+        return records
     pairs = []
     for i in todo:
         prompt = alpaca_prompt(records[i].question, records[i].input, spec.template)

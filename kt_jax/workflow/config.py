@@ -13,15 +13,20 @@ from kt_jax.errors import ConfigError
 from kt_jax.eval.job import EvalConfig
 from kt_jax.inference.generate_file import GenerateConfig
 from kt_jax.knowledge.job import KnowledgeConfig
+from kt_jax.knowledge.preferences import PreferenceConfig
 from kt_jax.sharding import MeshConfig
 from kt_jax.train.job import TuneConfig
 from kt_jax.world.generator import WorldConfig
 from kt_jax.world.pretrain import PretrainConfig
 
-SYSTEMS = ("sft", "ka", "knowtuning", "no_ka")
-SYSTEM_LABELS = {"sft": "SFT", "ka": "KA-SFT (-KC)", "knowtuning": "KnowTuning", "no_ka": "-KA (DPO from SFT)"}
-RUN_FILLED = {"knowledge": ("data", "out", "model", "tokenizer"), "generate": ("model", "data", "out", "tokenizer"),
-              "eval": ("predictions", "out")}
+SYSTEMS = ("sft", "ka", "knowtuning", "no_ka", "no_kcc", "no_kfc", "no_klc", "rlaif", "facttune", "sft_steps")
+SYSTEM_LABELS = {"sft": "SFT", "ka": "KA-SFT (-KC)", "knowtuning": "KnowTuning", "no_ka": "-KA (DPO from SFT)",
+                 "no_kcc": "-KCC (no completeness pairs)", "no_kfc": "-KFC (no factuality pairs)",
+                 "no_klc": "-KLC (no logicality pairs)", "rlaif": "RLAIF (DPO from SFT)",
+                 "facttune": "FactTune (DPO from SFT)", "sft_steps": "SFT (KA-SFT's steps)", "base": "base model"}
+RUN_FILLED = {"knowledge": ("data", "out", "model", "tokenizer", "add_bos"),
+              "generate": ("model", "data", "out", "tokenizer", "template", "add_bos"),
+              "eval": ("predictions", "out", "baseline")}  # prompts follow sft.data.template / sft.data.add_bos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +46,8 @@ class PipelineConfig:
     sft: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     dpo: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=lambda: EvalConfig(bertscore=False))
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    preferences: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)  # rlaif / facttune: k, ...
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def validate(self) -> None:

@@ -1,4 +1,5 @@
-"""report.md of a `kt-jax run`: every system's exact world metrics (if any) and text metrics, side by side."""
+"""report.md of a `kt-jax run`: validity checks first (world runs), then every system's metrics side by side, then
+each system's difference from SFT with its paired-bootstrap 95% CI."""
 
 from __future__ import annotations
 
@@ -9,11 +10,46 @@ COLUMNS = ("completeness", "factuality", "logicality", "recall_micro", "hallucin
            "rouge_l", "bertscore_f1")
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "pass", False: "FAIL", None: "not measured"}[value]
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    return str(value)
+
+
+def _validity(validity: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["## Validity of the instrument", "", "| check | value | threshold | result | detail |",
+             "|---|---|---|---|---|"]
+    for name, check in validity.items():
+        detail = "; ".join(f"{k}: {_cell(v)}" for k, v in check.items() if k not in ("value", "threshold", "pass"))
+        lines.append(f"| {name} | {_cell(check['value'])} | {_cell(check['threshold'])} | {_cell(check['pass'])} | "
+                     f"{detail} |")
+    return [*lines, ""]
+
+
+def _differences(differences: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    metrics = list(dict.fromkeys(m for d in differences.values() for m in d))
+    lines = ["## Differences from SFT (paired bootstrap over test questions, 95% CI)", "",
+             "| system | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for system, diff in differences.items():
+        cells = [f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if (d := diff.get(m)) else ""
+                 for m in metrics]
+        lines.append(f"| {labels.get(system, system)} | " + " | ".join(cells) + " |")
+    return [*lines, "", "Forest plot: `eval/differences.png`.", ""]
+
+
 def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[str, float]],
-                 probe: dict[str, Any] | None, labels: dict[str, str]) -> Path:
+                 probe: dict[str, Any] | None, labels: dict[str, str], *,
+                 validity: dict[str, dict[str, Any]] | None = None,
+                 differences: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the run's report.md to `path`; returns it."""
     keys = [k for k in COLUMNS if any(k in m for m in metrics.values())]
     lines = [f"# KnowTuning run: {name}", "", f"Run directory: `{run_dir}`; detailed evaluation: `eval/report.md`.", ""]
+    if validity:
+        lines += _validity(validity)
     if probe and "probe" in probe:
         p = probe["probe"]
         lines += [f"Base model ({probe.get('num_params', 0) / 1e6:.2f}M params) recall on the test entities "
@@ -22,5 +58,8 @@ def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[s
     for system, m in metrics.items():
         cells = [f"{m[k]:.4f}" if isinstance(m.get(k), float) else "" for k in keys]
         lines.append(f"| {labels.get(system, system)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if differences:
+        lines += _differences(differences, labels)
     path.write_text("\n".join(lines) + "\n")
     return path

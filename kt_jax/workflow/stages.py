@@ -47,10 +47,29 @@ class Pipeline:
         self.train_file, self.test_file = cfg.train_file, cfg.test_file
         self.source = "pretrain" if cfg.world is not None and not cfg.base_model else "inputs"
 
-    def _mesh(self) -> Any:
+    def mesh_(self) -> Any:
+        """The run's mesh (built on first use from the mesh: section)."""
         if self.mesh is None:
             self.mesh = self.cfg.mesh.build()
         return self.mesh
+
+    def backend_options(self, backend: str, options: dict[str, Any]) -> dict[str, Any]:
+        """A backend's options with what the run supplies: the world backend reads the run's world."""
+        if backend == "world" and "world" not in options:
+            return {**options, "world": str(self.dir / "world" / "world.json")}
+        return dict(options)
+
+    def backend_settings(self) -> dict[str, Any]:
+        """The knowledge backend's identity (part of stage keys; the world path is the run's, not a setting)."""
+        return {"backend": self.cfg.knowledge.backend, "options": self.cfg.knowledge.backend_options}
+
+    def backend(self) -> Any:
+        """The knowledge backend, caching in the knowledge stage's sqlite cache."""
+        from kt_jax.knowledge.registry import make_backend
+
+        k = self.cfg.knowledge
+        options = {"cache": k.cache or str(self.dir / "knowledge" / "knowledge_cache.sqlite3"), **k.backend_options}
+        return make_backend(k.backend, **self.backend_options(k.backend, options))
 
     # -- data and base model -------------------------------------------------------------------------------
     def world(self) -> None:
@@ -72,7 +91,7 @@ class Pipeline:
 
         def run() -> dict[str, Any]:
             stats = pretrain_world(preset, out, world=World.load(self.dir / "world" / "world.json"), progress=True,
-                                   mesh=self._mesh())
+                                   mesh=self.mesh_())
             return {k: v for k, v in stats.items() if k != "losses"}
 
         result = self.stages.run("pretrain", run, settings=preset, upstream=["world"],
@@ -90,21 +109,25 @@ class Pipeline:
         from kt_jax.knowledge.job import build_knowledge
 
         out = self.dir / "knowledge"
-        kcfg = dataclasses.replace(self.cfg.knowledge, data=self.train_file, out=str(out), model=self.base_model,
-                                   tokenizer=self.tokenizer)
+        k = self.cfg.knowledge
+        kcfg = dataclasses.replace(k, data=self.train_file, out=str(out), model=self.base_model,
+                                   tokenizer=self.tokenizer, add_bos=self.cfg.sft.data.add_bos,
+                                   backend_options=self.backend_options(k.backend, k.backend_options))
         dtype = self.cfg.sft.train.compute_dtype  # the model being tuned scores its facts in its compute dtype
-        self.stages.run("knowledge", lambda: _brief(build_knowledge(kcfg, mesh=self._mesh(), dtype=dtype)),
-                        settings={"knowledge": _settings(kcfg), "dtype": dtype}, upstream=[self.source],
+        self.stages.run("knowledge", lambda: _brief(build_knowledge(kcfg, mesh=self.mesh_(), dtype=dtype)),
+                        settings={"knowledge": _settings(dataclasses.replace(kcfg, backend_options=k.backend_options)),
+                                  "dtype": dtype}, upstream=[self.source],
                         outputs=[out / "ka.jsonl", out / "kc.jsonl"])
 
-    def reference(self) -> None:
-        """KC pairs + reference log-probs under the base model (the original's reference), computed once."""
-        from kt_jax.train.job import ReferenceSpec
+    def reference(self, name: str = "reference", pairs: str = "kc", upstream: str = "knowledge") -> str:
+        """knowledge/<pairs>_ref.jsonl: the pairs + reference log-probs under the BASE model (the original's
+        reference), computed once in the DPO reference dtype (dpo.dpo.reference_dtype: the policy's by default)."""
+        from kt_jax.train.job import ReferenceSpec, reference_dtype
 
-        out = self.dir / "knowledge" / "kc_ref.jsonl"
+        src, out = self.dir / "knowledge" / f"{pairs}.jsonl", self.dir / "knowledge" / f"{pairs}_ref.jsonl"
         data = self.cfg.dpo.data
-        spec = ReferenceSpec(model=self.base_model, lora="as_loaded", dtype=self.cfg.dpo.train.compute_dtype,
-                             template=data.template, max_len=data.max_len)
+        spec = ReferenceSpec(model=self.base_model, lora="as_loaded", dtype=reference_dtype(self.cfg.dpo),
+                             template=data.template, max_len=data.max_len, add_bos=data.add_bos)
 
         def run() -> dict[str, Any]:
             import jax.numpy as jnp
@@ -114,16 +137,18 @@ class Pipeline:
             from kt_jax.model.hf import load_pretrained
             from kt_jax.train.job import attach_reference_logps
 
-            records, _ = read_records(self.dir / "knowledge" / "kc.jsonl", "kc")
-            model = load_pretrained(self.base_model, mesh=self._mesh(), dtype=getattr(jnp, spec.dtype))
-            done = attach_reference_logps(model, load_tokenizer(self.tokenizer), records, spec, self._mesh(), out)
+            records, _ = read_records(src, "kc")
+            model = load_pretrained(self.base_model, mesh=self.mesh_(), dtype=getattr(jnp, spec.dtype))
+            done = attach_reference_logps(model, load_tokenizer(self.tokenizer), records, spec, self.mesh_(), out)
             return {"pairs": len(done), "dtype": spec.dtype}
 
-        self.stages.run("reference", run, settings=dataclasses.replace(spec, model=""),
-                        upstream=["knowledge", self.source], outputs=[out])
+        self.stages.run(name, run, settings=dataclasses.replace(spec, model=""), upstream=[upstream, self.source],
+                        outputs=[out])
+        return str(out)
 
     # -- training ------------------------------------------------------------------------------------------
-    def tune(self, name: str, *, start: str | None, train_file: str, kind: str, upstream: list[str]) -> str:
+    def tune(self, name: str, *, start: str | None, train_file: str, kind: str, upstream: list[str],
+             tune_cfg: Any = None) -> str:
         """Train system `name` (train/<name>/) from the base model (`start` None) or from stage `start`'s result.
 
         Continuing a stage follows the original (LLaMA-Factory `--checkpoint_dir <start> --resume_lora_training`):
@@ -135,7 +160,7 @@ class Pipeline:
         """
         from kt_jax.train.job import TrainJobConfig, run_training
 
-        stage = self.cfg.dpo if kind == "kc" else self.cfg.sft
+        stage = tune_cfg or (self.cfg.dpo if kind == "kc" else self.cfg.sft)
         out = self.dir / "train" / name
         model, adapter, how = self.base_model, None, "base"
         if start is not None:
@@ -150,56 +175,81 @@ class Pipeline:
         if stage.finetuning == "lora":
             outputs.append(out / "export" / "adapter" / "adapter_config.json")
         # A killed stage resumes from the latest checkpoint inside train/<name>.
-        self.stages.run(name, lambda: {**_brief(run_training(job, mesh=self._mesh())), "start": how},
+        self.stages.run(name, lambda: {**_brief(run_training(job, mesh=self.mesh_())), "start": how},
                         settings={"tune": stage, "kind": kind, "init": start or self.source, "start": how},
                         upstream=[start or self.source, *upstream], outputs=outputs)
         return str(out / "export")
 
+    def train_systems(self, systems: set[str]) -> dict[str, str]:
+        """Train every system `systems` needs (and what they start from); returns name -> merged export."""
+        from kt_jax.workflow import systems as extra
+
+        kdir = self.dir / "knowledge"
+        models = {"sft": self.tune("sft", start=None, train_file=self.train_file, kind="qa", upstream=[])}
+        kc_systems = {"knowtuning", "no_ka", *extra.ABLATIONS}
+        if ({"ka", "sft_steps"} | (kc_systems - {"no_ka"})) & systems:
+            models["ka"] = self.tune("ka", start=None, train_file=str(kdir / "ka.jsonl"), kind="ka",
+                                     upstream=["knowledge"])
+        if "sft_steps" in systems:
+            steps = dataclasses.replace(self.cfg.sft.train, num_steps=extra.ka_steps(self))
+            models["sft_steps"] = self.tune("sft_steps", start=None, train_file=self.train_file, kind="qa",
+                                            upstream=["ka"], tune_cfg=dataclasses.replace(self.cfg.sft, train=steps))
+        if kc_systems & systems:
+            kc = self.reference()
+            if "knowtuning" in systems:
+                models["knowtuning"] = self.tune("knowtuning", start="ka", train_file=kc, kind="kc",
+                                                 upstream=["reference"])
+            if "no_ka" in systems:
+                models["no_ka"] = self.tune("no_ka", start="sft", train_file=kc, kind="kc", upstream=["reference"])
+            for name in extra.ABLATIONS:
+                if name in systems:
+                    models[name] = self.tune(name, start="ka", train_file=extra.ablation_pairs(self, name),
+                                             kind="kc", upstream=[f"pairs_{name}"])
+        if set(extra.BASELINES) & systems:
+            samples = extra.sample_answers(self, models["sft"])
+            for method in extra.BASELINES:
+                if method in systems:
+                    extra.preference_pairs(self, method, samples)
+                    pairs = self.reference(f"reference_{method}", pairs=method, upstream=f"pairs_{method}")
+                    models[method] = self.tune(method, start="sft", train_file=pairs, kind="kc",
+                                               upstream=[f"reference_{method}"])
+        return models
+
     # -- generation and evaluation -------------------------------------------------------------------------
-    def generate(self, name: str, model: str) -> str:
+    def generate(self, name: str, model: str, upstream: list[str] | None = None) -> str:
+        """predictions/<name>/predictions.jsonl: `model` answering the test questions."""
         from kt_jax.inference.generate_file import generate_file
 
         out = self.dir / "predictions" / name
+        data = self.cfg.sft.data
         gcfg = dataclasses.replace(self.cfg.generate, model=model, data=self.test_file, out=str(out),
-                                   tokenizer=self.tokenizer, template=self.cfg.sft.data.template)
-        self.stages.run(f"generate_{name}", lambda: _brief(generate_file(gcfg, mesh=self._mesh())),
-                        settings=_settings(gcfg), upstream=[name, self.source],
+                                   tokenizer=self.tokenizer, template=data.template, add_bos=data.add_bos)
+        self.stages.run(f"generate_{name}", lambda: _brief(generate_file(gcfg, mesh=self.mesh_())),
+                        settings=_settings(gcfg), upstream=upstream or [name, self.source],
                         outputs=[out / "predictions.jsonl"])
         return str(out / "predictions.jsonl")
 
     def evaluate(self, predictions: dict[str, str]) -> dict[str, Any]:
+        """Text metrics (+ judge, facts) of every system; on a world also exact metrics, CIs and validity."""
         from kt_jax.eval.job import evaluate_files
 
         out = self.dir / "eval"
-        ecfg = dataclasses.replace(self.cfg.eval, predictions=dict(predictions), out=str(out), baseline="sft")
+        backend = self.cfg.eval.backend
+        ecfg = dataclasses.replace(self.cfg.eval, predictions=dict(predictions), out=str(out), baseline="sft",
+                                   backend_options=self.backend_options(backend, self.cfg.eval.backend_options))
         self.stages.run("evaluate", lambda: _brief(evaluate_files(ecfg)),
-                        settings=dataclasses.replace(ecfg, predictions={}, out=""),
+                        settings=dataclasses.replace(self.cfg.eval, baseline="sft"),
                         upstream=[f"generate_{name}" for name in predictions],
                         outputs=[out / "metrics.json", out / "report.md"])
         metrics = json.loads((out / "metrics.json").read_text())
-        if self.cfg.world is not None:
-            self.stages.run("world_metrics", lambda: self._world_metrics(predictions), settings=sorted(predictions),
-                            upstream=["world", *(f"generate_{name}" for name in predictions)],
-                            outputs=[out / "world_metrics.json"])
-            for name, values in json.loads((out / "world_metrics.json").read_text()).items():
-                metrics[name] = {**values, **metrics.get(name, {})}
-        return metrics
+        if self.cfg.world is None:
+            return {"metrics": metrics}
+        from kt_jax.workflow.world_checks import world_report
 
-    def _world_metrics(self, predictions: dict[str, str]) -> None:
-        from kt_jax.eval.job import load_predictions
-        from kt_jax.world.checker import evaluate_answers
-        from kt_jax.world.generator import World
-        from kt_jax.world.render import load_questions
-
-        world = World.load(self.dir / "world" / "world.json")
-        questions = load_questions(self.dir / "world" / "questions.jsonl")
-        table = {}
-        for name, path in predictions.items():
-            rows = load_predictions(path)
-            summary, _ = evaluate_answers(world, [questions[r["question"]] for r in rows],
-                                          [r["prediction"] for r in rows])
-            table[name] = summary
-        (self.dir / "eval" / "world_metrics.json").write_text(json.dumps(table, indent=2) + "\n")
+        world = world_report(self, predictions, self.generate("base", self.base_model, upstream=[self.source]))
+        for name, values in world["metrics"].items():
+            metrics[name] = {**values, **metrics.get(name, {})}
+        return {"metrics": metrics, "differences": world["differences"], "validity": world["validity"]}
 
     # -- all -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -220,29 +270,18 @@ class Pipeline:
                 self.world()
             self.inputs()
         self.knowledge()
-        systems = self.cfg.systems
-        kdir = self.dir / "knowledge"
-        models = {"sft": self.tune("sft", start=None, train_file=self.train_file, kind="qa", upstream=[])}
-        if {"ka", "knowtuning"} & set(systems):
-            models["ka"] = self.tune("ka", start=None, train_file=str(kdir / "ka.jsonl"), kind="ka",
-                                     upstream=["knowledge"])
-        if {"knowtuning", "no_ka"} & set(systems):
-            self.reference()
-            kc = str(kdir / "kc_ref.jsonl")
-            if "knowtuning" in systems:
-                models["knowtuning"] = self.tune("knowtuning", start="ka", train_file=kc, kind="kc",
-                                                 upstream=["reference"])
-            if "no_ka" in systems:
-                models["no_ka"] = self.tune("no_ka", start="sft", train_file=kc, kind="kc", upstream=["reference"])
-        predictions = {name: self.generate(name, models[name]) for name in systems}
-        metrics = self.evaluate(predictions)
+        models = self.train_systems(set(self.cfg.systems))
+        predictions = {name: self.generate(name, models[name]) for name in self.cfg.systems}
+        evaluated = self.evaluate(predictions)
+        metrics = evaluated["metrics"]
         report = self.dir / "report.md"
         summary = {"run_dir": str(self.dir), "report": str(report), "seconds": time.perf_counter() - start,
                    "stages": [{"name": r.name, "skipped": r.skipped, "seconds": round(r.seconds, 1)}
-                              for r in self.stages.results], "metrics": metrics}
+                              for r in self.stages.results], **evaluated}
         if is_main_process():  # stage outputs exist on every worker's disk; the report and summary on process 0
             probe = getattr(self, "base_summary", None) or (self.stages.record("pretrain") or {}).get("summary")
-            write_report(report, self.cfg.name, self.dir, metrics, probe, SYSTEM_LABELS)
+            write_report(report, self.cfg.name, self.dir, metrics, probe, SYSTEM_LABELS,
+                         validity=evaluated.get("validity"), differences=evaluated.get("differences"))
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 
