@@ -33,6 +33,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,7 +48,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
     assert {"world", "pretrain", "knowledge", "sft"} <= done_before
     assert "report" not in done_before and not (run_dir / "report.md").exists()
 
-    out = subprocess.run(_cmd(run_dir), env=_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(_cmd(run_dir), env=_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     skipped = {s["name"] for s in summary["stages"] if s["skipped"]}
@@ -62,6 +63,14 @@ def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
         rows = (run_dir / "predictions" / name / "predictions.jsonl").read_text().splitlines()
         assert len(rows) == len(json.loads((run_dir / "world" / "qa_test.json").read_text()))
     assert "kt-jax run world-ci: done" in out.stdout and "report:" in out.stdout
+    # a world run reports its validity checks and each system's paired-bootstrap difference from SFT
+    assert set(summary["validity"]) == {"stored", "learned", "power", "determinism"}
+    assert all({"value", "threshold", "pass"} <= set(c) for c in summary["validity"].values())
+    assert summary["validity"]["determinism"]["pass"] is True
+    diff = summary["differences"]["knowtuning"]["completeness"]
+    assert diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
+    assert "## Validity of the instrument" in report and "## Differences from SFT" in report
+    assert (run_dir / "eval" / "differences.png").stat().st_size > 0
     assert (run_dir / "config.yaml").exists()
 
 
