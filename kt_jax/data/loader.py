@@ -61,7 +61,7 @@ class DataConfig:
     template: str = "llamafactory-0.5.3"
     num_epochs: int | None = None
     add_bos: bool = True
-    group_preferences: bool = True  # DPO: one row per prompt + chosen with its rejected answers (exact; faster)
+    group_preferences: bool = False  # DPO: one row per prompt + chosen with its rejected answers (exact; faster)
     group_pairs: int = 3  # pair slots per grouped row (KnowTuning's KC set: 3 aspects per question)
 
     def __post_init__(self) -> None:
