@@ -115,13 +115,13 @@ def test_plan_matches_the_real_step_after_it_ran(llama2_dir, mesh, finetuning: s
     mem = compiled.memory_analysis()
     real_total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
         mem.temp_size_in_bytes
-    assert planned.total_bytes / real_total == pytest.approx(1.0, rel=0.05)
+    assert planned.total_bytes == real_total  # measured here: exactly equal on every mesh, full and LoRA
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    assert planned.flops == pytest.approx(cost["flops"], rel=0.05)
+    assert planned.flops == pytest.approx(cost["flops"], rel=1e-6)
     dev = mesh.devices.flat[0]
     live = sum(s.data.nbytes for x in jax.tree.leaves(args) for s in x.addressable_shards if s.device == dev)
-    assert planned.argument_bytes / live == pytest.approx(1.0, rel=0.1)
+    assert planned.argument_bytes == live
 
 
 def test_hf_config_presets_and_errors(tmp_path) -> None:
