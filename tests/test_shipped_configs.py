@@ -1,7 +1,7 @@
 """Every shipped config without a `world:` section runs through `kt-jax run` end to end.
 
 As written, except: the LLM backends switched to offline, a tiny random Llama (with a SentencePiece tokenizer
-for Llama-2 configs, byte-level BPE for Llama-3 ones) as the base, 40 training rows, 4 test rows and short
+for Llama-2 configs, byte-level BPE for Llama-3 ones) as the base, 24 training rows, 3 test rows and short
 generations. The folder is listed, so a config added later is covered the day it lands. Rows come from the
 shared Dolly / MedQuAD files when present (real text), else from a generated world's QA pairs.
 """
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "knowtuning"
 PAPER_CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")
                        if "world" not in (yaml.safe_load(p.read_text()) or {}))
-TRAIN_ROWS, TEST_ROWS = 40, 4
+TRAIN_ROWS, TEST_ROWS = 24, 3
 
 
 def _rows(name: str, tmp: Path) -> list[dict[str, str]]:
@@ -65,7 +65,7 @@ def test_shipped_config_runs_end_to_end(name: str, tmp_path: Path, capsys: pytes
     code = main(["run", "--config", str(ROOT / "configs" / f"{name}.yaml"), f"run_dir={run_dir}",
                  f"base_model={base}", f"train_file={tmp_path / 'train.json'}", f"test_file={tmp_path / 'test.json'}",
                  "knowledge.backend=offline", "knowledge.backend_options:={}", "eval.backend=offline",
-                 "eval.backend_options:={}", "generate.max_new_tokens=16"])
+                 "eval.backend_options:={}", "generate.max_new_tokens=8"])
     out = capsys.readouterr()
     assert code == 0, out.err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
