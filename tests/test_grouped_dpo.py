@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,8 @@ def kc_records(seed: int = 0) -> list[KCRecord]:
 
 
 def _cfg(**kw) -> DataConfig:
-    return DataConfig(**{"max_len": 320, "batch_size": 8, "shuffle": False, "num_epochs": 1, **kw})
+    return DataConfig(**{"max_len": 320, "batch_size": 8, "shuffle": False, "num_epochs": 1, "group_preferences": True,
+                         **kw})
 
 
 def _tiny_model() -> Llama:
@@ -125,7 +127,9 @@ def test_loader_yields_each_pair_once_per_epoch() -> None:
             it = iter(make_dataset(order, Bytes(), cfg, task=_dpo(), process_index=p, process_count=processes))
             batches = list(it)
             assert all(isinstance(b, GroupedPreferenceBatch) for b in batches)
-            assert all(b.seq.input_ids.shape[0] == batch_size // processes for b in batches)
+            pairs = batch_size // processes  # every batch but the last carries exactly its pairs
+            assert all(b.seq.input_ids.shape[0] in (cfg.grouped_rows(pairs), pairs) for b in batches)
+            assert [len(_pair_texts(b)) for b in batches[:-1]] == [pairs] * (len(batches) - 1)
             seen += [pair for b in batches for pair in _pair_texts(b)]
             assert it.counts["examples"] == len(_pair_texts_of(batches)) and it.counts["skipped_overlength"] == 0
         assert collections.Counter(seen) == collections.Counter(_record_pairs(recs)), (batch_size, processes)
@@ -160,24 +164,28 @@ def test_resume_inside_a_split_group() -> None:
             jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
-def _loader_batches(recs: list[KCRecord], rows: int = 8) -> tuple[GroupedPreferenceBatch, PreferenceBatch]:
-    """The first grouped batch (`rows` rows) and a per-pair batch of its pairs (24 rows, the spare ones padding)."""
-    grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=rows), task=_dpo()))
-    n = len(_pair_texts(grouped[0]))
-    # the first grouped batch holds the records of the first groups (shuffle off): keep those pairs only
-    keep = {p[:2] for p in _pair_texts(grouped[0])}
-    sub = [r for r in recs if (alpaca_prompt(r.question) + r.chosen, alpaca_prompt(r.question) + r.rejected) in keep]
-    assert len(sub) == n
-    per_pair = next(iter(make_dataset(sub, Bytes(), _cfg(batch_size=24, group_preferences=False), task=_dpo())))
-    return grouped[0], per_pair
+def _loader_batches(recs: list[KCRecord], pairs: int, **kw) -> tuple[GroupedPreferenceBatch, PreferenceBatch]:
+    """The first grouped and the first per-pair batch of `pairs` pairs of the same records and config."""
+    grouped = next(iter(make_dataset(recs, Bytes(), _cfg(batch_size=pairs, **kw), task=_dpo())))
+    per_pair = next(iter(make_dataset(recs, Bytes(), _cfg(batch_size=pairs, group_preferences=False, **kw),
+                                      task=_dpo())))
+    return grouped, per_pair
+
+
+def _per_pair_texts(batch: PreferenceBatch) -> list[tuple[str, str, float, float]]:
+    """(chosen text, rejected text, ref chosen, ref rejected) of every filled row of a host per-pair batch."""
+    text = lambda side, b: Bytes().decode(side.input_ids[b][side.segment_ids[b] > 0])
+    return [(text(batch.chosen, b), text(batch.rejected, b), float(batch.ref_chosen_logps[b]),
+             float(batch.ref_rejected_logps[b]))
+            for b in range(batch.chosen.input_ids.shape[0]) if batch.chosen.segment_ids[b].any()]
 
 
 @pytest.mark.slow
 def test_loss_and_metrics_equal_per_pair_on_meshes(mesh) -> None:
     recs = kc_records()
-    grouped, per_pair = _loader_batches(recs)
-    assert len(_pair_texts(grouped)) == 18  # groups Q0-Q7: 17 shared pairs and the per-pair fallback row
-    assert grouped.seq.input_ids.shape[1] == 512 and per_pair.chosen.input_ids.shape == (24, 320)
+    grouped, per_pair = _loader_batches(recs, 24, row_multiple=8)  # every pair: 20 shared, 1 per-pair fallback row
+    assert _pair_texts(grouped) == _per_pair_texts(per_pair) == _record_pairs(recs)
+    assert grouped.seq.input_ids.shape == (16, 512) and per_pair.chosen.input_ids.shape == (24, 320)
     loss_fn = make_dpo_loss(DPOConfig(beta=0.1, sft_weight=0.3), chunk_size=64)
     tx = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
     ts = create_state(_place(_tiny_model(), mesh), tx, mesh)
@@ -194,8 +202,8 @@ def test_loss_and_metrics_equal_per_pair_on_meshes(mesh) -> None:
 @pytest.mark.slow
 def test_per_pair_logps_and_gradients_equal_per_pair() -> None:
     recs = kc_records()[:9]  # groups Q0-Q3 (3, 2, 1, 3 pairs): one grouped batch of 4 rows
-    grouped, per_pair = _loader_batches(recs, rows=4)
-    assert int((grouped.chosen_seg > 0).sum()) == 9
+    grouped, per_pair = _loader_batches(recs, 9)
+    assert int((grouped.chosen_seg > 0).sum()) == 9 and grouped.seq.input_ids.shape[0] == 4
     model = _tiny_model()
     g = jax.tree.map(jnp.asarray, grouped)
     p = jax.tree.map(jnp.asarray, per_pair)
@@ -219,27 +227,62 @@ def test_per_pair_logps_and_gradients_equal_per_pair() -> None:
 def test_accumulated_train_step_equals_per_pair() -> None:
     """Two grouped microbatches against two per-pair microbatches of the same pairs: same loss and update."""
     recs = kc_records()
-    grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=4), task=_dpo()))[:2]
-    pairs_of = [{p[:2] for p in _pair_texts(b)} for b in grouped]
-    key = lambda r: (alpaca_prompt(r.question) + r.chosen, alpaca_prompt(r.question) + r.rejected)
-    per_pair = [next(iter(make_dataset([r for r in recs if key(r) in s], Bytes(),
-                                       _cfg(batch_size=12, group_preferences=False), task=_dpo())))
-                for s in pairs_of]
+    grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=4), task=_dpo()))[:2]  # Q1 split across the two
+    per_pair = list(make_dataset(recs, Bytes(), _cfg(batch_size=4, group_preferences=False), task=_dpo()))[:2]
+    assert [_pair_texts(b) for b in grouped] == [_per_pair_texts(b) for b in per_pair]
     out = []
     for micro in (grouped, per_pair):
-        tx = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0), 10)
+        tx = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0, eps=1e-6), 10)
         ts = create_state(_tiny_model(), tx)
         step = make_train_step(ts, tx, make_dpo_loss(DPOConfig(sft_weight=0.3), chunk_size=64))
         params, _, metrics = step(ts.params, ts.opt_state, ts.frozen, to_device(stack_micro(micro), None))
         out.append((jax.device_get(metrics), jax.device_get(params)))
     for name in (*METRICS, "grad_norm"):
         np.testing.assert_allclose(out[0][0][name], out[1][0][name], rtol=1e-5, atol=1e-5, err_msg=name)
-    # AdamW divides by sqrt(v): near-zero gradients turn float32 rounding into update noise well below lr = 1e-3
+    # AdamW divides by sqrt(v) + eps: eps = 1e-6 keeps float32 rounding in near-zero gradients from growing into
+    # update noise of up to lr = 1e-3 (with eps = 1e-8 one weight of 8192 moved 2e-5 apart)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out[0][1], out[1][1])
 
 
-def test_grouping_is_on_by_default_and_off_gives_pairs() -> None:
+def test_grouping_flag_selects_the_layout() -> None:
     recs = kc_records()[:3]
     assert isinstance(next(iter(make_dataset(recs, Bytes(), _cfg(), task=_dpo()))), GroupedPreferenceBatch)
     off = dataclasses.replace(_cfg(), group_preferences=False)
     assert isinstance(next(iter(make_dataset(recs, Bytes(), off, task=_dpo()))), PreferenceBatch)
+
+
+@pytest.mark.slow
+def test_grouped_batches_are_the_per_pair_batches_and_train_alike() -> None:
+    """Consecutive grouped batches hold the per-pair loader's pairs in its order; the same losses step by step."""
+    recs = kc_records()  # 21 pairs in groups of 3, 2, 1, 3, 3, 2, 3, 1, 3: batches of 8 split Q3 and Q6
+    cfg = _cfg(batch_size=8)
+    it = iter(make_dataset(recs, Bytes(), cfg, task=_dpo()))
+    states, grouped = [], []
+    for batch in it:
+        grouped.append(batch)
+        states.append(it.get_state())
+    per_pair = list(make_dataset(recs, Bytes(), dataclasses.replace(cfg, group_preferences=False), task=_dpo()))
+    assert len(grouped) == len(per_pair) == 3 and [s["part"] for s in states] == [2, 2, 0]
+    assert [_pair_texts(b) for b in grouped] == [_per_pair_texts(b) for b in per_pair]
+    assert [len(_pair_texts(b)) for b in grouped] == [8, 8, 5]
+    assert all(b.seq.input_ids.shape[0] == cfg.grouped_rows(8) == 4 for b in grouped)  # ceil(8 / 3) + 1 rows
+    for i in (0, 1):  # resume inside a split group, from a JSON round trip of the state
+        other = iter(make_dataset(recs, Bytes(), cfg, task=_dpo()))
+        other.set_state(json.loads(json.dumps(states[i])))
+        for want in grouped[i + 1:]:
+            jax.tree.map(np.testing.assert_array_equal, next(other), want)
+        with pytest.raises(StopIteration):
+            next(other)
+    out = []
+    for batches in (grouped, per_pair):
+        tx = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0, eps=1e-6), 10)
+        ts = create_state(_tiny_model(), tx)
+        step = make_train_step(ts, tx, make_dpo_loss(DPOConfig(sft_weight=0.3), chunk_size=64))
+        params, opt_state, history = ts.params, ts.opt_state, []
+        for batch in batches:
+            params, opt_state, metrics = step(params, opt_state, ts.frozen, to_device(stack_micro([batch]), None))
+            history.append(jax.device_get(metrics))
+        out.append(history)
+    for k, (got, want) in enumerate(zip(*out, strict=True)):
+        for name in (*METRICS, "grad_norm"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"step {k}: {name}")

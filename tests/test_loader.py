@@ -299,7 +299,7 @@ def test_two_real_processes_load_only_their_slice(tmp_path: Path) -> None:
 
 
 def test_grouped_preference_iterator_orbax_checkpoint(tmp_path: Path) -> None:
-    """A grouped DPO iterator saved inside a group (its two rows in two batches) restores to the same batches."""
+    """A grouped DPO iterator saved inside a group (its pairs in two batches) restores to the same batches."""
     import orbax.checkpoint as ocp
 
     from kt_jax.data.batch import GroupedPreferenceBatch
@@ -308,20 +308,20 @@ def test_grouped_preference_iterator_orbax_checkpoint(tmp_path: Path) -> None:
     chosen = ["c" * int(rng.integers(20, 60)) for _ in range(5)]
     recs = [KCRecord(f"Q{g}?", chosen[g], "r" * int(rng.integers(20, 60)) + str(k), "factuality",
                      ref_chosen_logp=-float(g), ref_rejected_logp=-float(k)) for g in range(5) for k in range(3)]
-    cfg = DataConfig(max_len=400, batch_size=1, seed=1, group_pairs=2)  # 3 rejected, 2 slots: each group = 2 rows
+    cfg = DataConfig(max_len=400, batch_size=2, seed=1, group_pairs=2, group_preferences=True)  # 2 pairs a batch
     ds = make_dataset(recs, Bytes(), cfg, task=Task.DPO)
     it = iter(ds)
-    reference = [next(it) for _ in range(14)]  # crosses an epoch (5 groups = 10 rows)
+    reference = [next(it) for _ in range(10)]  # crosses an epoch (15 pairs)
     assert all(isinstance(b, GroupedPreferenceBatch) for b in reference)
-    assert [int((b.chosen_seg > 0).sum()) for b in reference[:4]] == [2, 1, 2, 1]
+    assert all(int((b.chosen_seg > 0).sum()) == 2 for b in reference)
     it = iter(ds)
-    for _ in range(3):
+    for _ in range(2):
         next(it)
-    assert it.get_state()["part"] == 1  # the third batch took the first row of the second group
+    assert it.get_state()["part"] == 1  # the second batch took the first pair of the second group
     with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
         m.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         m.wait_until_finished()
         fresh = iter(ds)
         m.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-    for want in reference[3:]:
+    for want in reference[2:]:
         jax.tree.map(np.testing.assert_array_equal, next(fresh), want)

@@ -126,16 +126,18 @@ class PairRow:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GroupExample:
-    """The encoded pairs of one (question, input, chosen) group laid out as rows, with per-pair counts."""
+    """The encoded pairs of one (question, input, chosen) group: shared prompt, chosen and per-pair rejected."""
 
-    rows: tuple[PairRow, ...]
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[tuple[tuple[int, ...], float, float], ...]  # (response ids, ref chosen, ref rejected) per pair
     truncated: int  # pairs with a cut answer
     skipped: int  # pairs dropped by the over-length policy
 
     @property
     def pairs(self) -> int:
         """Pairs kept."""
-        return sum(len(r.pairs) for r in self.rows)
+        return len(self.rejected)
 
 
 Example = SFTExample | PreferenceExample | GroupExample

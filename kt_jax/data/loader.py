@@ -8,10 +8,11 @@ numpy batches of `batch_size // process_count` rows; its whole state is that pos
 host batch into global `jax.Array`s sharded over the mesh's batch axes.
 
 Batches are `data.batch.SeqBatch` (SFT, LM) or, for DPO, `GroupedPreferenceBatch` (`group_preferences`, the
-default: KC records with the same question, input and chosen answer form one stream element, laid out by
-`packing.preference_rows` as rows of a shared prompt + the chosen + up to `group_pairs` rejected answers; each row
-of the batch is one such row, so a batch of `batch_size` rows carries up to `batch_size * group_pairs` pairs) or
-`PreferenceBatch` (one pair per row, plain padding, same T). Reference log-probs are NaN when a record has none.
+KC records with the same question, input and chosen answer form one stream element; a batch carries exactly the
+next `batch_size` pairs of the stream, as the per-pair layout does, splitting a group across batches where the
+boundary falls, laid out by `packing.preference_rows` as rows of a shared prompt + the chosen + up to `group_pairs`
+rejected answers, in `grouped_rows` rows, or `batch_size` rows when those do not hold them) or `PreferenceBatch`
+(one pair per row, plain padding, same T). Reference log-probs are NaN when a record has none.
 Shapes: packed rows are always `max_len` long (first-fit into the batch's rows, `packing.Bins`); padded rows use the
 smallest bucket length that fits (`packing.bucket_length` over `buckets`), so jit sees only a few shapes (a grouped
 batch holding a per-pair fallback row of a group that cannot share within `max_len` may be up to 2 * max_len long).
@@ -63,6 +64,7 @@ class DataConfig:
     add_bos: bool = True
     group_preferences: bool = False  # DPO: one row per prompt + chosen with its rejected answers (exact; faster)
     group_pairs: int = 3  # pair slots per grouped row (KnowTuning's KC set: 3 aspects per question)
+    row_multiple: int = 1  # grouped rows per process are a multiple of this (the mesh's batch ways per process)
 
     def __post_init__(self) -> None:
         if self.overlength not in ("truncate", "skip", "error"):
@@ -71,8 +73,14 @@ class DataConfig:
             raise ConfigError(f"data.template: {self.template!r} is not one of {sorted(ALPACA_STYLES)}")
         if self.max_len < 2 or self.batch_size < 1:
             raise ConfigError(f"data.max_len ({self.max_len}) must be >= 2 and data.batch_size >= 1")
-        if self.group_pairs < 1:
-            raise ConfigError(f"data.group_pairs must be >= 1, got {self.group_pairs}")
+        if self.group_pairs < 1 or self.row_multiple < 1:
+            raise ConfigError(f"data.group_pairs ({self.group_pairs}) and data.row_multiple ({self.row_multiple}) "
+                              "must be >= 1")
+
+    def grouped_rows(self, pairs: int) -> int:
+        """Rows of a grouped batch of `pairs` pairs: whole groups plus a split one at each end, capped at `pairs`."""
+        rows = -(-pairs // self.group_pairs) + 1
+        return min(pairs, -(-rows // self.row_multiple) * self.row_multiple)
 
     def bucket(self, length: int) -> int:
         """The padded row length for a batch whose longest row has `length` tokens."""
@@ -118,16 +126,15 @@ def preference_groups(records: Sequence[Record]) -> list[list[int]]:
 
 
 def encode_group(recs: Sequence[Record], tok: Tokenizer, cfg: DataConfig) -> GroupExample:
-    """One group's pairs (ids exactly as `encode_preference` makes them) laid out as shared-prompt rows."""
+    """One group's pairs (ids exactly as `encode_preference` makes them): shared prompt, chosen, rejected answers."""
     pairs = [encode_preference(rec, tok, cfg) for rec in recs]
     kept = [p for p in pairs if p is not None]
     if not kept:
-        return GroupExample((), 0, len(pairs))
+        return GroupExample((), (), (), 0, len(pairs))
     first = kept[0]
-    prompt, chosen = first.chosen[:first.prompt_len], first.chosen[first.prompt_len:]
-    rejected = [(p.rejected[p.prompt_len:], p.ref_chosen, p.ref_rejected) for p in kept]
-    rows = preference_rows(prompt, chosen, rejected, cfg.max_len, cfg.group_pairs)
-    return GroupExample(tuple(rows), sum(p.truncated for p in kept), len(pairs) - len(kept))
+    rejected = tuple((tuple(p.rejected[p.prompt_len:]), p.ref_chosen, p.ref_rejected) for p in kept)
+    return GroupExample(tuple(first.chosen[:first.prompt_len]), tuple(first.chosen[first.prompt_len:]), rejected,
+                        sum(p.truncated for p in kept), len(pairs) - len(kept))
 
 
 def encoder(task: Task) -> Callable[[Record, Tokenizer, DataConfig], Example | None]:
@@ -144,7 +151,7 @@ class BatchIterator(grain.DatasetIterator):
         self._stream, self._rows, self._cfg, self._task = stream, rows, cfg, task
         self._epoch_len = epoch_len  # a whole epoch of skipped examples in a row means nothing fits max_len
         self._next = 0
-        self._part = 0  # rows of the current grouped example already in earlier batches
+        self._part = 0  # pairs of the current grouped example already in earlier batches
         self._cache: tuple[int, Any] | None = None
         self.counts = {"examples": 0, "truncated": 0, "skipped_overlength": 0}
         self.last_stream_positions: list[int] = []  # stream positions of the examples in the last batch
@@ -159,7 +166,7 @@ class BatchIterator(grain.DatasetIterator):
         skipped = 0
         while self._next < len(self._stream):
             ex = self._peek()
-            if ex is None or (isinstance(ex, GroupExample) and not ex.rows):
+            if ex is None or (isinstance(ex, GroupExample) and not ex.rejected):
                 self.counts["skipped_overlength"] += 1 if ex is None else ex.skipped
                 self._next += 1
                 skipped += 1
@@ -228,10 +235,12 @@ class BatchIterator(grain.DatasetIterator):
 
     def _grouped_batch(self) -> Batch:
         rows: list[PairRow] = []
-        while len(rows) < self._rows and (ex := self._take()) is not None:
-            take = ex.rows[self._part:self._part + self._rows - len(rows)]
-            rows.extend(take)
-            if self._part + len(take) < len(ex.rows):  # the rest of this group opens the next batch
+        pairs = 0
+        while pairs < self._rows and (ex := self._take()) is not None:
+            take = ex.rejected[self._part:self._part + self._rows - pairs]
+            rows.extend(preference_rows(ex.prompt, ex.chosen, take, self._cfg.max_len, self._cfg.group_pairs))
+            pairs += len(take)
+            if self._part + len(take) < len(ex.rejected):  # the rest of this group opens the next batch
                 self._part += len(take)
                 if not self.last_stream_positions or self.last_stream_positions[-1] != self._next:
                     self.last_stream_positions.append(self._next)
@@ -242,10 +251,12 @@ class BatchIterator(grain.DatasetIterator):
         longest = max(r.length for r in rows)
         cap = self._cfg.max_len if longest <= self._cfg.max_len else 2 * self._cfg.max_len  # per-pair fallback rows
         length = bucket_length(longest, cap, self._cfg.buckets)
-        return pack_pair_rows([*rows, *[None] * (self._rows - len(rows))], length, self._cfg.group_pairs)
+        # a fixed row count (or, when short groups or fallback rows need more, one row per pair: never more)
+        n = self._cfg.grouped_rows(self._rows) if len(rows) <= self._cfg.grouped_rows(self._rows) else self._rows
+        return pack_pair_rows([*rows, *[None] * (n - len(rows))], length, self._cfg.group_pairs)
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-able state: stream position (and rows of a grouped example already used) and counters."""
+        """JSON-able state: stream position (and pairs of a grouped example already used) and counters."""
         return {"next": int(self._next), "part": int(self._part), **{k: int(v) for k, v in self.counts.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
