@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("kt_jax.commands.score", "perplexity of each fact given its question (packed, prefix-shared, sharded)"),
     "sft": ("kt_jax.commands.sft", "supervised fine-tuning (LoRA or full) on QA/KA records, orbax resume, HF export"),
     "dpo": ("kt_jax.commands.dpo", "DPO + chosen NLL on KC pairs (reference log-probs precomputed once), HF export"),
-    "plan": ("kt_jax.commands.plan", "per-device memory and FLOPs of a run config's steps, compiled on abstract shapes"),
+    "plan": ("kt_jax.commands.plan", "per-device memory and FLOPs of a run config's steps (abstract compile)"),
 }
 
 
