@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kt_jax.errors import ConfigError
+from kt_jax.errors import ConfigError, KtJaxError
 
 T = TypeVar("T")
 
@@ -201,6 +201,21 @@ def config_hash(obj: Any) -> str:
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_json_file(file: str | Path, *, error: type[KtJaxError] = ConfigError, what: str = "a JSON file"
+                   ) -> dict[str, Any]:
+    """The JSON object in `file`; `error` naming the file when it is missing, not JSON, or not an object."""
+    file = Path(file)
+    if not file.is_file():
+        raise error(f"{file}: not found (is {file.parent} {what}?)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from kt_jax.config import read_json_file
 from kt_jax.errors import ConfigError
 
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
@@ -179,19 +180,11 @@ class HFTokenizer:
         return str(self._tok.id_to_token(int(idx)))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read JSON ({exc})") from exc
-    return data if isinstance(data, dict) else {}
-
-
 def _dir_config(path: Path) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         if (path / name).is_file():
-            cfg = _read_json(path / name)
+            cfg = read_json_file(path / name)
             config.update({k: v for k, v in cfg.items() if k in ("bos_token", "eos_token", "pad_token")})
     return config
 

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from kt_jax.config import read_json_file
 from kt_jax.errors import CheckpointError
 from kt_jax.model.llama import DTYPES, Llama, LlamaConfig, ShardContext
 from kt_jax.sharding import logical_sharding, variable_axes
@@ -172,12 +173,7 @@ def load_pretrained(
     """
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{config_file}: not found (is {path} a HF model directory?)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}: invalid JSON ({e})") from None
+    hf = read_json_file(config_file, error=CheckpointError, what="a HF model directory")
     cfg = config_from_hf(hf, str(config_file), dtype=dtype, param_dtype=param_dtype)
     cfg = cfg.replace(remat=remat, attention=attention)
     files = _weight_files(path)

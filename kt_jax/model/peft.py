@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from kt_jax.config import read_json_file
 from kt_jax.errors import CheckpointError, ConfigError
 from kt_jax.model.lora import ATTN_TARGETS, MLP_TARGETS, LoRAConfig
 from kt_jax.sharding import to_host
@@ -78,12 +79,7 @@ def read_adapter_config(path: str | Path) -> LoRAConfig:
     `lora_dropout` is not carried over: it only shapes training, and kt-jax trains adapters without dropout.
     """
     file = Path(path) / ADAPTER_CONFIG
-    if not file.exists():
-        raise ConfigError(f"{file}: not found (is {path} a PEFT adapter directory?)")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: invalid JSON ({e})") from None
+    raw = read_json_file(file, what="a PEFT adapter directory")
     if raw.get("peft_type") != "LORA":
         raise ConfigError(f"{file}: peft_type {raw.get('peft_type')!r} is not supported (only 'LORA')")
     for key, default in _UNSUPPORTED.items():
