@@ -87,10 +87,14 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         load_config(PipelineConfig, files)
 
 
-@pytest.mark.parametrize("name", ["dolly-llama2-7b", "medquad-llama2-7b", "dolly-llama3-8b", "world-tiny"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name: str) -> None:
+    from kt_jax.workflow.config import SYSTEMS
+
     paths = [] if name.startswith("world") else ["base_model=/m", "train_file=/a.json", "test_file=/b.json"]
     cfg = load_config(PipelineConfig, ROOT / "configs" / f"{name}.yaml", paths)
+    every = load_config(PipelineConfig, ROOT / "configs" / f"{name}.yaml", [*paths, f"systems=[{','.join(SYSTEMS)}]"])
+    assert every.systems == SYSTEMS  # every config accepts every system
     assert "knowtuning" in cfg.systems
     if name.startswith("world"):
         assert cfg.world is not None and cfg.pretrain is not None

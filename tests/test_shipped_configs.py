@@ -140,6 +140,26 @@ def test_every_system_runs_on_a_paper_config(tmp_path: Path, capsys: pytest.Capt
     for method in ("rlaif", "facttune"):
         pairs = (run_dir / "knowledge" / f"{method}_ref.jsonl").read_text().splitlines()
         assert all(json.loads(p)["aspect"] == method for p in pairs)
+    _every_adapter_loads_in_peft(base, run_dir, [s for s in SYSTEMS if (run_dir / "train" / s / "export" /
+                                                                     "adapter").is_dir()])
     for drop, aspect in (("no_kcc", "completeness"), ("no_kfc", "factuality"), ("no_klc", "logicality")):
         kept = [json.loads(p) for p in (run_dir / "knowledge" / f"kc_ref_{drop}.jsonl").read_text().splitlines()]
         assert kept and all(r["aspect"] != aspect for r in kept)
+
+
+def _every_adapter_loads_in_peft(base: Path, run_dir: Path, systems: list[str]) -> None:
+    """peft.PeftModel.from_pretrained(base, train/<system>/export/adapter) = the merged export's logits (1e-4)."""
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+
+    assert systems, "no LoRA system exported an adapter"
+    ids = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]])
+    for system in systems:
+        export = run_dir / "train" / system / "export"
+        with torch.no_grad():
+            merged = transformers.LlamaForCausalLM.from_pretrained(export, dtype=torch.float32).eval()(ids).logits
+            hf_base = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+            adapted = peft.PeftModel.from_pretrained(hf_base, export / "adapter").eval()(ids).logits
+        np.testing.assert_allclose(adapted.numpy(), merged.numpy(), atol=1e-4, err_msg=system)
