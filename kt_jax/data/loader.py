@@ -7,12 +7,14 @@ numpy batches of `batch_size // process_count` rows; its whole state is that pos
 `get_state`/`set_state` (and Grain's orbax `CheckpointHandler`) restore it exactly. `sharding.to_device` turns a
 host batch into global `jax.Array`s sharded over the mesh's batch axes.
 
-Batches are `data.batch.SeqBatch` (SFT, LM) or, for DPO, `GroupedPreferenceBatch` (`group_preferences`, the
-KC records with the same question, input and chosen answer form one stream element; a batch carries exactly the
-next `batch_size` pairs of the stream, as the per-pair layout does, splitting a group across batches where the
-boundary falls, laid out by `packing.preference_rows` as rows of a shared prompt + the chosen + up to `group_pairs`
-rejected answers, in `grouped_rows` rows, or `batch_size` rows when those do not hold them) or `PreferenceBatch`
-(one pair per row, plain padding, same T). Reference log-probs are NaN when a record has none.
+Batches are `data.batch.SeqBatch` (SFT, LM) or, for DPO, `GroupedPreferenceBatch` (`group_preferences`: KC
+records with the same question, input and chosen answer form one stream element; a batch carries exactly the next
+`batch_size` pairs of the stream, as the per-pair layout does, splitting a group across batches where the boundary
+falls, laid out by `packing.preference_rows` as rows of a shared prompt + the chosen + up to `group_pairs` rejected
+answers, in `grouped_rows` rows, or `batch_size` rows when those do not hold them) or `PreferenceBatch` (one pair
+per row, plain padding, same T). Both layouts give the same batches when the pair streams agree (no shuffle, group
+members adjacent in the records, one process); with `shuffle` the grouped stream shuffles groups, not pairs.
+Reference log-probs are NaN when a record has none.
 Shapes: packed rows are always `max_len` long (first-fit into the batch's rows, `packing.Bins`); padded rows use the
 smallest bucket length that fits (`packing.bucket_length` over `buckets`), so jit sees only a few shapes (a grouped
 batch holding a per-pair fallback row of a group that cannot share within `max_len` may be up to 2 * max_len long).
@@ -62,7 +64,9 @@ class DataConfig:
     template: str = "llamafactory-0.5.3"
     num_epochs: int | None = None
     add_bos: bool = True
-    group_preferences: bool = False  # DPO: one row per prompt + chosen with its rejected answers (exact; faster)
+    # DPO: rows of prompt + chosen + its rejected answers (exact per batch; faster). Off: it shuffles groups, so
+    # with shuffle on its batches hold other pairs than the per-pair loader's (pairs of one question together)
+    group_preferences: bool = False
     group_pairs: int = 3  # pair slots per grouped row (KnowTuning's KC set: 3 aspects per question)
     row_multiple: int = 1  # grouped rows per process are a multiple of this (the mesh's batch ways per process)
 
