@@ -77,8 +77,8 @@ def step_time(args: argparse.Namespace, grouped: bool) -> dict[str, float]:
     from kt_jax.train.steps import make_dpo_loss, make_train_step
 
     recs = kc_records(args.groups, args.rejected, args.vocab)
-    rows = args.groups if grouped else args.groups * args.rejected
-    cfg = DataConfig(max_len=args.max_len, batch_size=rows, shuffle=False, group_preferences=grouped,
+    pairs = args.groups * args.rejected  # data.batch_size counts pairs in both layouts
+    cfg = DataConfig(max_len=args.max_len, batch_size=pairs, shuffle=False, group_preferences=grouped,
                      group_pairs=args.rejected)
     batch = next(iter(make_dataset(recs, WordTokenizer(args.vocab), cfg, task=Task.DPO)))
     model = Llama(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,

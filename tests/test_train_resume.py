@@ -150,7 +150,8 @@ def test_dpo_command_end_to_end(world, tmp_path, capsys):
     from kt_jax.data.records import read_records
 
     cfg = _config(world, tmp_path / "dpo", train_file=str(world / "kc.jsonl"), finetuning="lora",
-                  **{"train.num_steps": 4, "train.save_every": 4, "data.pack": False, "lora.rank": 4})
+                  **{"train.num_steps": 4, "train.save_every": 4, "data.pack": False, "lora.rank": 4,
+                     "data.group_preferences": True})  # grouped rows on the 8-way mesh
     assert main(["dpo", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "dpo (lora): 4/4 steps" in out and "exported" in out

@@ -228,6 +228,7 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
     from kt_jax.data.tokenizer import load_tokenizer
     from kt_jax.model.hf import load_pretrained, save_pretrained
     from kt_jax.model.lora import apply_lora, merge_lora
+    from kt_jax.sharding import batch_axis_size
     from kt_jax.train.loop import train
     from kt_jax.train.optimizer import lr_schedule, make_optimizer
     from kt_jax.train.state import create_state
@@ -266,6 +267,9 @@ def run_training(cfg: TrainJobConfig, *, mesh: Any = None, on_step: Callable[[in
         records = attach_reference_logps(scorer, tok, records, spec, mesh, run_dir / "kc_with_ref.jsonl")
         del scorer
     train_recs, eval_recs = split_eval(records, cfg.train.eval_rows, cfg.train.seed)
+    if task is Task.DPO and cfg.data.group_preferences:  # grouped rows must split over the mesh's batch ways
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, row_multiple=max(1, batch_axis_size(mesh) // jax.process_count())))
     per_epoch = count_batches(train_recs, tok, cfg.data, task)
     if per_epoch == 0:
         raise DataError(f"{cfg.train_file}: no training batch: every row was skipped (longer than data.max_len="
