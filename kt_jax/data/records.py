@@ -146,6 +146,27 @@ def _str_field(row: Any, key: str, where: str, required: bool = True) -> str:
     return value
 
 
+def check_fields(row: Any, where: str, *, strings: Sequence[str] = (), non_empty: Sequence[str] = (),
+                 optional: Sequence[str] = (), string_lists: Sequence[str] = ()) -> dict[str, Any]:
+    """`row` when it is an object whose fields have these types; else a DataError naming `where` and the field.
+
+    strings: required strings; non_empty: required non-blank strings; optional: strings when present;
+    string_lists: required lists of strings.
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    for key in (*strings, *optional):
+        _str_field(row, key, where, required=key not in optional)
+    for key in non_empty:
+        if not _str_field(row, key, where).strip():
+            raise DataError(f"{where}: field '{key}': expected a non-empty string, got {row[key]!r:.60}")
+    for key in string_lists:
+        value = row.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{where}: field '{key}': expected a list of strings, got {value!r:.60}")
+    return row
+
+
 def _float_field(row: dict[str, Any], key: str, where: str) -> float | None:
     value = row.get(key)
     if value is None:

@@ -56,7 +56,7 @@ class ScoreConfig:
 
 def read_fact_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a facts file (.jsonl, or a .json array), validated; errors name the file, line and field."""
-    from kt_jax.data.records import read_rows
+    from kt_jax.data.records import check_fields, read_rows
 
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
@@ -67,15 +67,7 @@ def read_fact_rows(path: Path) -> list[dict[str, Any]]:
     else:
         wheres = [f"row {i}" for i in range(len(rows))]
     for row, where in zip(rows, wheres, strict=True):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
-        if not isinstance(row.get("question"), str):
-            raise DataError(f"{path}: {where}: field 'question' must be a string")
-        if not isinstance(row.get("input", ""), str):
-            raise DataError(f"{path}: {where}: field 'input' must be a string when present")
-        facts = row.get("facts")
-        if not isinstance(facts, list) or not all(isinstance(f, str) for f in facts):
-            raise DataError(f"{path}: {where}: field 'facts' must be a list of strings")
+        check_fields(row, f"{path}: {where}", strings=("question",), optional=("input",), string_lists=("facts",))
     return rows
 
 

@@ -205,25 +205,15 @@ def plan(
     return calls
 
 
-def score_encoded(
-    model: nnx.Module,
-    pairs: Sequence[tuple[list[int], list[int]]],
-    *,
-    max_len: int = 1024,
-    mesh: Mesh | None = None,
-    packing: str = "shared",
-    batch_size: int = 8,
-    pack_len: int | None = 512,
-    max_segments: int = 64,
-    chunk_size: int = DEFAULT_CHUNK,
-    progress: bool = False,
-) -> list[tuple[float, int]]:
+def score_encoded(model: nnx.Module, pairs: Sequence[tuple[list[int], list[int]]], *, mesh: Mesh | None = None,
+                  chunk_size: int = DEFAULT_CHUNK, progress: bool = False, **layout: Any) -> list[tuple[float, int]]:
     """(summed response log-prob, scored tokens) for already tokenized (prompt_ids, response_ids) pairs.
 
-    Each pair with a response must fit in `max_len` tokens. Responses with no scorable token give (0.0, 0).
+    `layout`: `plan`'s keywords (max_len, packing, batch_size, pack_len, max_segments): they change the rows and
+    the speed, never the numbers. Each pair with a response must fit in max_len tokens. Responses with no scorable
+    token give (0.0, 0).
     """
-    calls = plan(pairs, max_len=max_len, mesh=mesh, packing=packing, batch_size=batch_size, pack_len=pack_len,
-                 max_segments=max_segments)
+    calls = plan(pairs, mesh=mesh, **layout)
     graphdef, state = nnx.split(model)
     sums, counts = np.zeros(len(pairs)), np.zeros(len(pairs), np.int64)
     bar = None

@@ -29,7 +29,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from kt_jax.data.records import KCRecord, read_rows
+from kt_jax.data.records import KCRecord, check_fields, read_rows
 from kt_jax.data.templates import question_text
 from kt_jax.errors import ConfigError, DataError
 from kt_jax.eval.judge import ASPECTS, RECONCILE, reconcile
@@ -93,16 +93,8 @@ def parse_samples(rows: Sequence[Any], k: int, where: str = "samples") -> tuple[
     samples, stats = [], Counter()
     for i, row in enumerate(rows):
         at = f"{where}: row {i}"
-        if not isinstance(row, dict):
-            raise DataError(f"{at}: expected an object, got {type(row).__name__}")
-        for key in ("question", "reference"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{at}: field '{key}': expected a non-empty string, got {row.get(key)!r:.60}")
-        if not isinstance(row.get("input", ""), str):
-            raise DataError(f"{at}: field 'input': expected a string, got {type(row['input']).__name__}")
-        answers = row.get("answers")
-        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise DataError(f"{at}: field 'answers': expected a list of strings, got {answers!r:.60}")
+        check_fields(row, at, non_empty=("question", "reference"), optional=("input",), string_lists=("answers",))
+        answers = row["answers"]
         if len(answers) < k:
             raise DataError(f"{at}: field 'answers': {len(answers)} answer(s), fewer than k={k}")
         kept: list[str] = []
