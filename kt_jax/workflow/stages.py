@@ -1,11 +1,13 @@
 """The KnowTuning run as resumable stages over the library, in one run directory (`kt-jax run --config ...`).
 
 world -> pretrain (when the config has a world) | inputs (QA files + a HF base model) -> knowledge (extract, score
-with the base model, KA, KC) -> reference (DPO reference log-probs of every KC pair under the BASE model, once)
--> sft (baseline on the original QA) -> ka (KA-SFT) -> knowtuning (DPO+NLL from the KA weights) -> no_ka (ablation:
-DPO from the SFT weights) -> generate_<system> -> evaluate -> world_metrics -> report. Every stage gets the run's mesh;
-models are loaded in the compute dtype of the stage that uses them. Each stage's key chains its upstream stages'
-keys with its own settings (workflow.resume), so a killed run resumes where it stopped.
+with the base model, KA, KC) -> sft (baseline on the original QA) -> ka (KA-SFT) -> reference (DPO reference
+log-probs of every KC pair under the BASE model, once) -> knowtuning (DPO+NLL continuing the KA run: its LoRA adapter,
+or its weights under full fine-tuning) -> the other systems (workflow.systems: ablations, baselines, a step control)
+-> generate_<system> -> evaluate (+ on a world: base-model answers, cloze probe, determinism, differences and
+validity: workflow.world_checks) -> report. Every stage gets the run's mesh; models are loaded in the compute dtype
+of the stage that uses them. Each stage's key chains its upstream stages' keys with its own settings
+(workflow.resume), so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
