@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def kc_records(groups: int, rejected: int, vocab: int, seed: int = 0) -> list:
 
 def step_time(args: argparse.Namespace, grouped: bool) -> dict[str, float]:
     """Median seconds per train step and the batch's sizes, for one layout."""
-    import jax
+    from common import time_train_steps
     from flax import nnx
 
     from kt_jax.data.batch import Task
@@ -89,18 +88,11 @@ def step_time(args: argparse.Namespace, grouped: bool) -> dict[str, float]:
     tx = make_optimizer(OptimConfig(learning_rate=1e-5), 1000)
     ts = create_state(model, tx)
     step = make_train_step(ts, tx, make_dpo_loss(DPOConfig(sft_weight=0.2), args.chunk))
-    micro = to_device(stack_micro([batch]), None)
-    times, metrics = [], {}
-    for i in range(args.steps + 1):
-        t0 = time.perf_counter()
-        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen, micro)
-        jax.block_until_ready(metrics["loss"])
-        if i:  # the first call compiles
-            times.append(time.perf_counter() - t0)
+    seconds, metrics = time_train_steps(ts, step, to_device(stack_micro([batch]), None), args.steps)
     ids = batch.seq.input_ids if grouped else batch.chosen.input_ids
     pairs = int(np.sum(batch.chosen_seg > 0)) if grouped else int(np.sum(batch.chosen.segment_ids.max(1) > 0))
     shape = f"{ids.shape[0]}x{ids.shape[1]}" if grouped else f"2x{ids.shape[0]}x{ids.shape[1]}"
-    return {"seconds": float(np.median(times)), "tokens": float(metrics["tokens"]), "padded": ids.size * (2 - grouped),
+    return {"seconds": seconds, "tokens": float(metrics["tokens"]), "padded": ids.size * (2 - grouped),
             "pairs": pairs, "shape": shape, "loss": float(metrics["loss"])}
 
 

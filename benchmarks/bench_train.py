@@ -77,8 +77,8 @@ def pref_batch(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, 
 
 def jax_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
     """Median seconds per kt-jax train step (mode: full | lora | dpo)."""
-    import jax
     import jax.numpy as jnp
+    from common import time_train_steps
 
     from kt_jax.data.batch import PreferenceBatch, SeqBatch
     from kt_jax.model.hf import load_pretrained
@@ -101,15 +101,7 @@ def jax_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
     side = lambda p: SeqBatch(**{k[len(p):]: v for k, v in batch.items() if k.startswith(p)})
     typed = (PreferenceBatch(side("chosen_"), side("rejected_"), batch["ref_chosen_logps"], batch["ref_rejected_logps"])
              if mode == "dpo" else SeqBatch(**batch))
-    micro = to_device(stack_micro([typed]), None)
-    times = []
-    for i in range(args.steps + 1):
-        t0 = time.perf_counter()
-        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen, micro)
-        jax.block_until_ready(metrics["loss"])
-        if i:  # the first call compiles
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return time_train_steps(ts, step, to_device(stack_micro([typed]), None), args.steps)[0]
 
 
 def torch_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
