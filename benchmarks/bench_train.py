@@ -14,7 +14,7 @@ covers the second half of each row (a response). One step = forward + backward +
 FLOPs per token: 6N (full) or 4N (LoRA: no weight gradients) with N the matmul parameters (embedding lookup
 excluded, LM head included), plus attention 12·L·T·d (full T x T scores, fwd + bwd). DPO's reference forward in
 PyTorch is extra work not counted in the FLOP/s (it is in its step time).
-The float32 matmul peak is measured here (jnp.dot 2048^3) and the machine's load average is printed: other jobs
+Both float32 matmul peaks (jax and torch, 2048^3) and the machine's load average are printed first: other jobs
 on the same cores lower every number.
 """
 
@@ -29,24 +29,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def matmul_peak(n: int = 2048, reps: int = 8) -> float:
-    """Best-of float32 jnp.dot FLOP/s on this machine."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def flops_per_token(args: argparse.Namespace, lora: bool) -> float:
@@ -186,11 +168,14 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    from common import matmul_peak
+
     peak = matmul_peak()
+    print(peak.line(), flush=True)
     tokens = args.batch * args.seq
     n_params = args.layers * (4 * args.hidden**2 + 3 * args.hidden * args.ffn) + 2 * args.vocab * args.hidden
     print(f"model ~{n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} = {tokens} tokens/step, "
-          f"kt-jax compute {args.dtype}, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, {os.cpu_count()} CPUs, "
+          f"kt-jax compute {args.dtype}, {os.cpu_count()} CPUs, "
           f"load avg before {load0[0]:.1f}")
     rows = []
     for mode in args.modes.split(","):
@@ -204,8 +189,8 @@ def main() -> int:
     for mode, jt, tt, fl in rows:
         name = {"full": "SFT full", "lora": "SFT LoRA q,v r8", "dpo": "DPO LoRA (+γ NLL)"}[mode]
         torch_cols = "| - | - | - | -" if tt is None else (
-            f"| {tt:.2f} | {tokens / tt:.0f} | {100 * fl / tt / peak:.0f}% | {tt / jt:.2f}x")
-        print(f"| {name} | {jt:.2f} | {tokens / jt:.0f} | {100 * fl / jt / peak:.0f}% {torch_cols} |")
+            f"| {tt:.2f} | {tokens / tt:.0f} | {100 * fl / tt / peak.torch:.0f}% | {tt / jt:.2f}x")
+        print(f"| {name} | {jt:.2f} | {tokens / jt:.0f} | {100 * fl / jt / peak.jax:.0f}% {torch_cols} |")
     times = {m: (jt, tt) for m, jt, tt, _ in rows}
     if "dpo" in times and "lora" in times:
         jd, td = times["dpo"][0] / times["lora"][0], None
