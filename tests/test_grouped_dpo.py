@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_loader import Bytes
 
 from kt_jax.data.batch import GroupedPreferenceBatch, PreferenceBatch
 from kt_jax.data.loader import DataConfig, make_dataset
@@ -28,18 +29,6 @@ from kt_jax.train.steps import make_dpo_loss, make_eval_step, make_train_step, p
 pytestmark = pytest.mark.timeout(300)
 METRICS = ("loss", "loss/dpo", "loss/sft", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
            "logps/chosen", "logps/rejected")
-
-
-class Bytes:
-    """UTF-8 bytes as ids (vocab 256, fits the tiny Llama); 1 = BOS, 2 = EOS, 0 = pad."""
-
-    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) > 2).decode()
 
 
 def _text(rng: np.random.Generator, n: int) -> str:
