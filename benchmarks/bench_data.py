@@ -10,7 +10,8 @@ Rows of the table:
   prompt and response texts, examples/s (tokenization only: the floor of any HF-style pipeline);
 - the train step: jax.grad of a masked token-mean CE through a ~50M Llama (kt_jax.model) on one packed row,
   converted to examples/s with the measured examples per packed row;
-- the float32 matmul peak of this machine, and the train step's achieved FLOP/s against it.
+- first, this machine's float32 matmul rates with jax and with torch (`common.matmul_peak`); the (jax) train
+  step's achieved FLOP/s against the jax rate.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowtuning" / "dolly_train.json"
@@ -59,21 +61,6 @@ def time_pipeline(make, max_batches: int | None = None, put=None) -> tuple[float
         if max_batches is not None and batches >= max_batches:
             break
     return time.perf_counter() - t0, it.counts["examples"], batches
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Measured float32 matmul FLOP/s (jax, jit)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def time_train_step(vocab: int, max_len: int, batch, steps: int) -> tuple[float, int, float]:
@@ -120,6 +107,10 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
+    from common import matmul_peak
+
+    peak = matmul_peak()
+    print(peak.line(), flush=True)
 
     from kt_jax.data.loader import DataConfig, length_report, make_dataset
     from kt_jax.data.templates import alpaca_prompt
@@ -162,7 +153,6 @@ def main() -> int:
     step_s, n_params, flops = time_train_step(tok.vocab_size, args.max_len, first, args.steps)
     add(f"train step: {n_params / 1e6:.0f}M Llama fwd+bwd, 1 packed row", per_row, step_s,
         f"{step_s:.2f} s/step, {per_row:.2f} examples/row")
-    peak = matmul_peak()
 
     print(f"data: {source}; tokenizer: 32k byte-level BPE (trained in {train_s:.1f} s); max_len {args.max_len}")
     print(f"lengths: mean {report['mean_len']:.0f} tokens, max {report['max_len']}, truncated {report['truncated']}, "
@@ -170,8 +160,8 @@ def main() -> int:
     print(f"{'what':<52} {'examples/s':>12}  note")
     for name, rate, note in rows_out:
         print(f"{name:<52} {rate:>12.1f}  {note}")
-    print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; train step achieves {flops / step_s / 1e9:.1f} GFLOP/s "
-          f"({100 * flops / step_s / peak:.0f}% of peak)")
+    print(f"train step achieves {flops / step_s / 1e9:.1f} GFLOP/s ({100 * flops / step_s / peak.jax:.0f}% of the jax "
+          "matmul rate above)")
     slowest_pipeline = min(rate for name, rate, _ in rows_out if name.startswith("pipeline"))
     print(f"pipeline / train-step consumption: {slowest_pipeline / rows_out[-1][1]:.0f}x "
           "(per process; > 1 means the pipeline is not the bottleneck)")

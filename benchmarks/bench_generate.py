@@ -6,7 +6,8 @@ Model: a random Llama (HF LlamaForCausalLM, float32) saved locally and loaded by
 Rows of the table, per batch size: prompt tokens, new tokens (every row runs to the limit: no EOS),
 wall seconds of the generation call (after one warm-up call, so compile time is reported apart),
 decode tokens/s (batch x new tokens / seconds) for greedy and for the KnowTuning sampling preset.
-Also: the float32 matmul peak of this machine and the achieved FLOP/s (2 x params per token).
+First: this machine's float32 matmul rates with jax and with torch (`common.matmul_peak`); per row the achieved
+FLOP/s (2 x params per token) and its % of that library's rate.
 Note whether other processes were busy when you read the numbers (printed: load average).
 """
 
@@ -23,18 +24,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """float32 matmul GFLOP/s with jax on this machine (best of reps)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
-    return 2 * n**3 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -57,12 +46,14 @@ def main() -> None:
     import jax
     import torch
     import transformers
-    from common import make_hf_llama  # benchmarks/ is on sys.path: this script's folder
+    from common import make_hf_llama, matmul_peak  # benchmarks/ is on sys.path: this script's folder
 
     from kt_jax.inference.sampling import SamplingConfig, generate_ids
     from kt_jax.model.hf import load_pretrained
 
     torch.set_num_threads(args.threads)
+    peak = matmul_peak()
+    print(peak.line(), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_gen_"))
     heads = args.hidden // 64
     cfg = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
@@ -76,11 +67,9 @@ def main() -> None:
           f"prompt {args.prompt}, new {args.new}; jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"torch {torch.__version__} ({args.threads} threads); load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} cores")
-    peak = matmul_peak()
-    print(f"float32 matmul peak (jax, 2048^3): {peak:.1f} GFLOP/s")
     rng = np.random.default_rng(0)
     header = (f"{'impl':28s} {'batch':>5s} {'decoding':>10s} {'compile s':>9s} {'run s':>7s} {'tok/s':>8s} "
-              f"{'GFLOP/s':>8s}")
+              f"{'GFLOP/s':>8s} {'% peak':>6s}")
     print(header)
     print("-" * len(header))
     for batch in (int(b) for b in args.batches.split(",")):
@@ -91,8 +80,9 @@ def main() -> None:
             run = lambda s=sampling: generate_ids(ours, prompts, s, eos_ids=(), batch_size=batch)  # noqa: B023
             compile_s = _timed(run)
             secs = min(_timed(run) for _ in range(2))
+            flops = 2 * params * tokens / secs
             print(f"{'kt-jax (jit while_loop)':28s} {batch:5d} {name:>10s} {compile_s - secs:9.1f} {secs:7.2f} "
-                  f"{tokens / secs:8.1f} {2 * params * tokens / secs / 1e9:8.1f}")
+                  f"{tokens / secs:8.1f} {flops / 1e9:8.1f} {100 * flops / peak.jax:5.1f}%")
             ids = torch.tensor(prompts)
             kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, eos_token_id=None, pad_token_id=0)
             kw |= ({"do_sample": False} if name == "greedy" else
@@ -100,8 +90,9 @@ def main() -> None:
             with torch.no_grad():
                 hf.generate(ids, **kw)  # warm-up
                 secs = min(_timed(lambda: hf.generate(ids, **kw)) for _ in range(2))  # noqa: B023
+            flops = 2 * params * tokens / secs
             print(f"{'HF torch generate':28s} {batch:5d} {name:>10s} {'-':>9s} {secs:7.2f} {tokens / secs:8.1f} "
-                  f"{2 * params * tokens / secs / 1e9:8.1f}")
+                  f"{flops / 1e9:8.1f} {100 * flops / peak.torch:5.1f}%")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
