@@ -283,6 +283,12 @@ def _trainer_steps(ctx: Context, preference: bool, resume: bool = False) -> dict
     model = apply_lora(load_pretrained(ctx.hf_dir, mesh=mesh), LoRAConfig(rank=4), seed=0)
     cfg = DataConfig(max_len=256, batch_size=8, seed=5, buckets=(256,))
     if preference:  # reference log-probs: the base model (LoRA off), one scoring pass, as the pipeline does
+        import jax
+
+        from kt_jax.sharding import batch_axis_size
+
+        # grouped rows (the default) split over the mesh's batch ways, as train.job sets them
+        cfg = dc.replace(cfg, row_multiple=max(1, batch_axis_size(mesh) // jax.process_count()))
         recs = kc_records()
         pairs = [(alpaca_prompt(r.question), side) for r in recs for side in (r.chosen, r.rejected)]
         with lora_disabled(model):

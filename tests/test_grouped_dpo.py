@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 from test_loader import Bytes
 
-from kt_jax.data.batch import GroupedPreferenceBatch, PreferenceBatch
+from kt_jax import sharding
+from kt_jax.data.batch import GroupedPreferenceBatch, PreferenceBatch, pad_to, seq_len
 from kt_jax.data.loader import DataConfig, make_dataset
-from kt_jax.data.packing import preference_rows
+from kt_jax.data.packing import fit_pair_rows, merge_pair_rows, pack_pair_rows, preference_rows
 from kt_jax.data.records import KCRecord
 from kt_jax.data.templates import alpaca_prompt
 from kt_jax.model.llama import Llama, LlamaConfig
@@ -117,13 +118,32 @@ def test_loader_yields_each_pair_once_per_epoch() -> None:
             batches = list(it)
             assert all(isinstance(b, GroupedPreferenceBatch) for b in batches)
             pairs = batch_size // processes  # every batch but the last carries exactly its pairs
-            assert all(b.seq.input_ids.shape[0] in (cfg.grouped_rows(pairs), pairs) for b in batches)
+            assert all(b.seq.input_ids.shape[0] <= pairs and b.chosen_seg.shape[1] == pairs for b in batches)
+            if processes > 1:  # every process one row per pair: the same local shape on all of them
+                assert {b.seq.input_ids.shape[0] for b in batches} == {pairs}
             assert [len(_pair_texts(b)) for b in batches[:-1]] == [pairs] * (len(batches) - 1)
             seen += [pair for b in batches for pair in _pair_texts(b)]
             assert it.counts["examples"] == len(_pair_texts_of(batches)) and it.counts["skipped_overlength"] == 0
         assert collections.Counter(seen) == collections.Counter(_record_pairs(recs)), (batch_size, processes)
     fallback = [b for b in make_dataset(recs, Bytes(), _cfg(), task=_dpo()) if b.seq.input_ids.shape[1] > 320]
     assert len(fallback) == 1 and fallback[0].seq.input_ids.shape[1] == 512  # the per-pair row: 2 x (141 + ...)
+
+
+def test_rows_are_the_bucket_of_the_longest_and_hold_several_groups() -> None:
+    """A batch's rows are as long as the bucket of its longest row, and shorter rows share a row first-fit."""
+    a, b, c = (preference_rows([1, 5, 6, 7], [8] * n + [2], [([10, 2], -1.0, -2.0)] * k, 64, 3)[0]
+               for n, k in ((9, 3), (5, 2), (30, 1)))  # 23, 16 and 38 tokens
+    length, rows = fit_pair_rows([a, b, c], max_len=64, sizes=(16, 32, 48, 64), slots=8)
+    assert length == 48 and [r.length for r in rows] == [38, 39]  # c alone; a + b share a row (longest first)
+    assert rows[1] == merge_pair_rows([a, b]) and rows[1].pairs[3:] == ((5, 6, -1.0, -2.0), (5, 7, -1.0, -2.0))
+    fits = lambda slots: [(r.length, len(r.pairs)) for r in fit_pair_rows([a, b, c], 64, (64,), slots)[1]]
+    assert fits(8) == [(61, 4), (16, 2)] and fits(3) == [(54, 3), (23, 3)]  # at most `slots` pairs a row
+    batch = pack_pair_rows(rows, length, 8)  # a's group is 1, b's group 2: b's answers see b's prompt only
+    grp, seg = batch.group_ids[1], batch.seq.segment_ids[1]
+    assert list(grp[:39]) == [1] * 23 + [2] * 16 and not grp[39:].any()
+    assert list(np.unique(seg[grp == 2])) == [0, 5, 6, 7] and list(batch.chosen_seg[1, :5]) == [1, 1, 1, 5, 5]
+    # b's positions restart at 0, each answer continuing its prompt: as in b's own sequences
+    assert list(batch.seq.positions[1, 23:39]) == [*range(10), 3, 4, 5, 3, 4, 5]
 
 
 def _pair_texts_of(batches: list[GroupedPreferenceBatch]) -> list[tuple[str, str, float, float]]:
@@ -161,6 +181,14 @@ def _loader_batches(recs: list[KCRecord], pairs: int, **kw) -> tuple[GroupedPref
     return grouped, per_pair
 
 
+def _slot_order(grouped: GroupedPreferenceBatch, per_pair: PreferenceBatch) -> list[int]:
+    """The per-pair row of each filled grouped pair slot, in slot order (rows merge longest first)."""
+    rows = {pair: i for i, pair in enumerate(_per_pair_texts(per_pair))}
+    order = [rows[pair] for pair in _pair_texts(grouped)]
+    assert sorted(order) == list(range(len(rows)))
+    return order
+
+
 def _per_pair_texts(batch: PreferenceBatch) -> list[tuple[str, str, float, float]]:
     """(chosen text, rejected text, ref chosen, ref rejected) of every filled row of a host per-pair batch."""
     text = lambda side, b: Bytes().decode(side.input_ids[b][side.segment_ids[b] > 0])
@@ -173,8 +201,10 @@ def _per_pair_texts(batch: PreferenceBatch) -> list[tuple[str, str, float, float
 def test_loss_and_metrics_equal_per_pair_on_meshes(mesh) -> None:
     recs = kc_records()
     grouped, per_pair = _loader_batches(recs, 24, row_multiple=8)  # every pair: 20 shared, 1 per-pair fallback row
-    assert _pair_texts(grouped) == _per_pair_texts(per_pair) == _record_pairs(recs)
-    assert grouped.seq.input_ids.shape == (16, 512) and per_pair.chosen.input_ids.shape == (24, 320)
+    assert sorted(_pair_texts(grouped)) == sorted(_per_pair_texts(per_pair)) == sorted(_record_pairs(recs))
+    # rows of the fallback's bucket: two groups (or a group and the fallback row) share most of them
+    assert grouped.seq.input_ids.shape == (8, 512) and per_pair.chosen.input_ids.shape == (24, 320)
+    assert (grouped.group_ids.max(1) >= 2).sum() >= 4
     loss_fn = make_dpo_loss(DPOConfig(beta=0.1, sft_weight=0.3), chunk_size=64)
     tx = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
     ts = create_state(_place(_tiny_model(), mesh), tx, mesh)
@@ -192,7 +222,7 @@ def test_loss_and_metrics_equal_per_pair_on_meshes(mesh) -> None:
 def test_per_pair_logps_and_gradients_equal_per_pair() -> None:
     recs = kc_records()[:9]  # groups Q0-Q3 (3, 2, 1, 3 pairs): one grouped batch of 4 rows
     grouped, per_pair = _loader_batches(recs, 9)
-    assert int((grouped.chosen_seg > 0).sum()) == 9 and grouped.seq.input_ids.shape[0] == 4
+    assert int((grouped.chosen_seg > 0).sum()) == 9 and grouped.seq.input_ids.shape == (4, 256)
     model = _tiny_model()
     g = jax.tree.map(jnp.asarray, grouped)
     p = jax.tree.map(jnp.asarray, per_pair)
@@ -200,11 +230,9 @@ def test_per_pair_logps_and_gradients_equal_per_pair() -> None:
     logps = jax.jit(lambda prm, batch: preference_logps(nnx.merge(graphdef, prm, rest), batch, chunk_size=64))
     pc, pr, nc, nr, rc, rr = (np.asarray(x) for x in logps(params, g))
     qc, qr, mc, mr, sc, sr = (np.asarray(x) for x in logps(params, p))
-    filled = nc > 0
-    n = int(filled.sum())
-    # grouped slots in row order are the per-pair rows in order (shuffle off, groups in record order)
+    filled, order = nc > 0, _slot_order(grouped, per_pair)
     for a, b in ((pc, qc), (pr, qr), (nc, mc), (nr, mr), (rc, sc), (rr, sr)):
-        np.testing.assert_allclose(a[filled], b[:n], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a[filled], b[order], rtol=1e-5, atol=1e-5)
     cfg = DPOConfig(beta=0.1, sft_weight=0.3)
     loss_fn = make_dpo_loss(cfg, chunk_size=64)
     grads = jax.jit(jax.grad(lambda prm, batch: loss_fn(nnx.merge(graphdef, prm, rest), batch)[0]))
@@ -218,7 +246,8 @@ def test_accumulated_train_step_equals_per_pair() -> None:
     recs = kc_records()
     grouped = list(make_dataset(recs, Bytes(), _cfg(batch_size=4), task=_dpo()))[:2]  # Q1 split across the two
     per_pair = list(make_dataset(recs, Bytes(), _cfg(batch_size=4, group_preferences=False), task=_dpo()))[:2]
-    assert [_pair_texts(b) for b in grouped] == [_per_pair_texts(b) for b in per_pair]
+    assert [sorted(_pair_texts(b)) for b in grouped] == [sorted(_per_pair_texts(b)) for b in per_pair]
+    assert [b.seq.input_ids.shape[0] for b in grouped] == [2, 3]  # stacked: the first gets a padding row
     out = []
     for micro in (grouped, per_pair):
         tx = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0, eps=1e-6), 10)
@@ -235,7 +264,8 @@ def test_accumulated_train_step_equals_per_pair() -> None:
 
 def test_grouping_flag_selects_the_layout() -> None:
     recs = kc_records()[:3]
-    assert isinstance(next(iter(make_dataset(recs, Bytes(), _cfg(), task=_dpo()))), GroupedPreferenceBatch)
+    assert DataConfig().group_preferences  # on by default
+    assert isinstance(next(iter(make_dataset(recs, Bytes(), DataConfig(), task=_dpo()))), GroupedPreferenceBatch)
     off = dataclasses.replace(_cfg(), group_preferences=False)
     assert isinstance(next(iter(make_dataset(recs, Bytes(), off, task=_dpo()))), PreferenceBatch)
 
@@ -252,9 +282,9 @@ def test_grouped_batches_are_the_per_pair_batches_and_train_alike() -> None:
         states.append(it.get_state())
     per_pair = list(make_dataset(recs, Bytes(), dataclasses.replace(cfg, group_preferences=False), task=_dpo()))
     assert len(grouped) == len(per_pair) == 3 and [s["part"] for s in states] == [2, 2, 0]
-    assert [_pair_texts(b) for b in grouped] == [_per_pair_texts(b) for b in per_pair]
+    assert [sorted(_pair_texts(b)) for b in grouped] == [sorted(_per_pair_texts(b)) for b in per_pair]
     assert [len(_pair_texts(b)) for b in grouped] == [8, 8, 5]
-    assert all(b.seq.input_ids.shape[0] == cfg.grouped_rows(8) == 4 for b in grouped)  # ceil(8 / 3) + 1 rows
+    assert [b.seq.input_ids.shape for b in grouped] == [(4, 256), (4, 256), (3, 512)]  # the fallback: 512 rows
     for i in (0, 1):  # resume inside a split group, from a JSON round trip of the state
         other = iter(make_dataset(recs, Bytes(), cfg, task=_dpo()))
         other.set_state(json.loads(json.dumps(states[i])))
@@ -275,3 +305,22 @@ def test_grouped_batches_are_the_per_pair_batches_and_train_alike() -> None:
     for k, (got, want) in enumerate(zip(*out, strict=True)):
         for name in (*METRICS, "grad_norm"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"step {k}: {name}")
+
+
+@pytest.mark.slow
+def test_two_groups_in_a_row_equal_per_pair_on_meshes(mesh) -> None:
+    """Rows of 640 tokens holding two questions' groups each: every pair's log-probs equal its per-pair forward."""
+    recs = kc_records()[:9]  # groups Q0-Q3 (3, 2, 1, 3 pairs)
+    grouped, per_pair = _loader_batches(recs, 9, max_len=640, buckets=(640,), row_multiple=8)
+    assert grouped.seq.input_ids.shape == (8, 640) and list(grouped.group_ids.max(1)[:2]) == [2, 2]
+    assert not grouped.group_ids[2:].any()  # padding rows up to the 8 batch ways
+    model = _place(_tiny_model(), mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    logps = jax.jit(lambda prm, batch: preference_logps(nnx.merge(graphdef, prm, rest), batch, chunk_size=64))
+    per_pair = pad_to(per_pair, seq_len(per_pair), 16)  # 9 pairs + 7 padding rows: splits 8 ways too
+    got = [np.asarray(x) for x in logps(params, sharding.to_device(grouped, mesh))]
+    want = [np.asarray(x) for x in logps(params, sharding.to_device(per_pair, mesh))]
+    filled, order = got[2] > 0, _slot_order(grouped, per_pair)
+    assert int(filled.sum()) == 9
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a[filled], b[order], rtol=1e-5, atol=1e-5)

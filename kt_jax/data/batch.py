@@ -153,22 +153,33 @@ def seq_len(batch: Batch) -> int:
     return max((np.shape(x)[-1] for x in jax.tree.leaves(_token_fields(batch)) if np.ndim(x) >= 2), default=0)
 
 
-def pad_to(batch: B, length: int) -> B:
-    """`batch` with every [B, T] field zero-padded on the right to T = `length`."""
+def rows(batch: Batch) -> int:
+    """Rows (the first axis) of a host batch."""
+    return int(np.shape(jax.tree.leaves(batch)[0])[0])
 
-    def pad(x: Any) -> np.ndarray:
+
+def pad_to(batch: B, length: int, n_rows: int | None = None) -> B:
+    """`batch` with every [B, T] field zero-padded on the right to T = `length` (and with zero rows appended to
+    `n_rows` rows when given: padding rows, which no loss counts)."""
+    n_rows = rows(batch) if n_rows is None else n_rows
+
+    def pad(x: Any, seq: bool) -> np.ndarray:
         x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] == length:
-            return x
-        return np.pad(x, ((0, 0), (0, length - x.shape[1])))
+        widths = [(0, n_rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+        if seq and x.ndim == 2:
+            widths[1] = (0, length - x.shape[1])
+        return x if not any(w for _, w in widths) else np.pad(x, widths)
 
     if isinstance(batch, GroupedPreferenceBatch):
-        seq, groups = jax.tree.map(pad, (batch.seq, batch.group_ids))
-        return dataclasses.replace(batch, seq=seq, group_ids=groups)
-    return jax.tree.map(pad, batch)
+        seq, groups = jax.tree.map(lambda x: pad(x, True), (batch.seq, batch.group_ids))
+        slots = {f: pad(getattr(batch, f), False) for f in ("chosen_seg", "rejected_seg", "ref_chosen_logps",
+                                                              "ref_rejected_logps")}
+        return dataclasses.replace(batch, seq=seq, group_ids=groups, **slots)
+    return jax.tree.map(lambda x: pad(x, True), batch)
 
 
 def stack(batches: Sequence[B]) -> B:
-    """Host batches -> one batch of [A, B, ...] arrays (microbatches), sequence fields padded to the longest T."""
-    length = max(seq_len(b) for b in batches)
-    return jax.tree.map(lambda *xs: np.stack(xs), *[pad_to(b, length) for b in batches])
+    """Host batches -> one batch of [A, B, ...] arrays (microbatches), sequence fields padded to the longest T and
+    rows to the most rows (grouped preference batches vary in rows)."""
+    length, n_rows = max(seq_len(b) for b in batches), max(rows(b) for b in batches)
+    return jax.tree.map(lambda *xs: np.stack(xs), *[pad_to(b, length, n_rows) for b in batches])

@@ -7,17 +7,23 @@ numpy batches of `batch_size // process_count` rows; its whole state is that pos
 `get_state`/`set_state` (and Grain's orbax `CheckpointHandler`) restore it exactly. `sharding.to_device` turns a
 host batch into global `jax.Array`s sharded over the mesh's batch axes.
 
-Batches are `data.batch.SeqBatch` (SFT, LM) or, for DPO, `GroupedPreferenceBatch` (`group_preferences`: KC
-records with the same question, input and chosen answer form one stream element; a batch carries exactly the next
-`batch_size` pairs of the stream, as the per-pair layout does, splitting a group across batches where the boundary
-falls, laid out by `packing.preference_rows` as rows of a shared prompt + the chosen + up to `group_pairs` rejected
-answers, in `grouped_rows` rows, or `batch_size` rows when those do not hold them) or `PreferenceBatch` (one pair
-per row, plain padding, same T). Both layouts give the same batches when the pair streams agree (no shuffle, group
-members adjacent in the records, one process); with `shuffle` the grouped stream shuffles groups, not pairs.
+Batches are `data.batch.SeqBatch` (SFT, LM) or, for DPO, `GroupedPreferenceBatch` (`group_preferences`, the
+default: KC records with the same question, input and chosen answer form one stream element; a batch carries
+exactly the next `batch_size` pairs of the stream, as the per-pair layout does, splitting a group across batches
+where the boundary falls, laid out by `packing.preference_rows` as a shared prompt + the chosen + up to
+`group_pairs` rejected answers, and by `packing.fit_pair_rows` several of those to a row where they fit) or
+`PreferenceBatch` (`group_preferences` off: one pair per row, plain padding, same T). Both layouts compute every
+pair's loss exactly as the other does; they give the same batches when the pair streams agree (no shuffle, group
+members adjacent in the records, one process). With `shuffle` the grouped stream shuffles questions, not pairs: a
+question's pairs share a batch (or two adjacent ones), each pair still once per epoch.
 Reference log-probs are NaN when a record has none.
 Shapes: packed rows are always `max_len` long (first-fit into the batch's rows, `packing.Bins`); padded rows use the
-smallest bucket length that fits (`packing.bucket_length` over `buckets`), so jit sees only a few shapes (a grouped
-batch holding a per-pair fallback row of a group that cannot share within `max_len` may be up to 2 * max_len long).
+smallest bucket length that fits (`packing.bucket_length` over `buckets`), so jit sees only a few shapes. Grouped
+rows are the bucket of the batch's longest (question) row, up to 2 * max_len when a group cannot share within
+`max_len` and a pair falls back to two plain segments; their count is what the batch needs, rounded up to
+`row_multiple` (at most one row per pair), so it varies between batches (`batch.stack` pads microbatches to the
+most rows). With several processes every process pads to one row per pair: `sharding.to_device` needs the same
+local row count on every process.
 Over-length rows (`overlength`): "truncate" cuts the response (a prompt leaving no room for any response token
 is skipped), "skip" drops the row, "error" raises; every truncation and skip is counted in `counts`.
 """
@@ -43,7 +49,15 @@ from kt_jax.data.batch import (
     SFTExample,
     Task,
 )
-from kt_jax.data.packing import Bins, Segment, bucket_length, pack_arrays, pack_pair_rows, preference_rows
+from kt_jax.data.packing import (
+    Bins,
+    Segment,
+    bucket_length,
+    fit_pair_rows,
+    pack_arrays,
+    pack_pair_rows,
+    preference_rows,
+)
 from kt_jax.data.records import KCRecord, Record
 from kt_jax.data.templates import ALPACA_STYLES, alpaca_prompt, encode_pair
 from kt_jax.data.tokenizer import Tokenizer
@@ -64,10 +78,12 @@ class DataConfig:
     template: str = "llamafactory-0.5.3"
     num_epochs: int | None = None
     add_bos: bool = True
-    # DPO: rows of prompt + chosen + its rejected answers (exact per batch; faster). Off: it shuffles groups, so
-    # with shuffle on its batches hold other pairs than the per-pair loader's (pairs of one question together)
-    group_preferences: bool = False
-    group_pairs: int = 3  # pair slots per grouped row (KnowTuning's KC set: 3 aspects per question)
+    # DPO: rows of a question's prompt + chosen + its rejected answers, several questions to a row where they fit
+    # (each pair's loss exact; fewer tokens). With shuffle the stream shuffles questions, not pairs: a question's
+    # pairs share a batch, which changes which pairs meet in a batch, not the objective; each pair is still seen
+    # once per epoch. False: one chosen and one rejected row per pair, pairs shuffled one by one.
+    group_preferences: bool = True
+    group_pairs: int = 3  # rejected answers sharing one copy of a prompt + chosen (KC: 3 aspects per question)
     row_multiple: int = 1  # grouped rows per process are a multiple of this (the mesh's batch ways per process)
 
     def __post_init__(self) -> None:
@@ -80,11 +96,6 @@ class DataConfig:
         if self.group_pairs < 1 or self.row_multiple < 1:
             raise ConfigError(f"data.group_pairs ({self.group_pairs}) and data.row_multiple ({self.row_multiple}) "
                               "must be >= 1")
-
-    def grouped_rows(self, pairs: int) -> int:
-        """Rows of a grouped batch of `pairs` pairs: whole groups plus a split one at each end, capped at `pairs`."""
-        rows = -(-pairs // self.group_pairs) + 1
-        return min(pairs, -(-rows // self.row_multiple) * self.row_multiple)
 
     def bucket(self, length: int) -> int:
         """The padded row length for a batch whose longest row has `length` tokens."""
@@ -150,10 +161,11 @@ class BatchIterator(grain.DatasetIterator):
     """Fixed-shape numpy batches from an encoded example stream; state = stream position + counters."""
 
     def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, task: Task,
-                 epoch_len: int | None = None) -> None:
+                 epoch_len: int | None = None, fixed_rows: int | None = None) -> None:
         super().__init__()
         self._stream, self._rows, self._cfg, self._task = stream, rows, cfg, task
         self._epoch_len = epoch_len  # a whole epoch of skipped examples in a row means nothing fits max_len
+        self._fixed_rows = fixed_rows  # grouped batches: this many rows, not as many as the batch needs
         self._next = 0
         self._part = 0  # pairs of the current grouped example already in earlier batches
         self._cache: tuple[int, Any] | None = None
@@ -252,12 +264,10 @@ class BatchIterator(grain.DatasetIterator):
                 self._consume(ex)
         if not rows:
             raise StopIteration
-        longest = max(r.length for r in rows)
-        cap = self._cfg.max_len if longest <= self._cfg.max_len else 2 * self._cfg.max_len  # per-pair fallback rows
-        length = bucket_length(longest, cap, self._cfg.buckets)
-        # a fixed row count (or, when short groups or fallback rows need more, one row per pair: never more)
-        n = self._cfg.grouped_rows(self._rows) if len(rows) <= self._cfg.grouped_rows(self._rows) else self._rows
-        return pack_pair_rows([*rows, *[None] * (n - len(rows))], length, self._cfg.group_pairs)
+        length, rows = fit_pair_rows(rows, self._cfg.max_len, self._cfg.buckets, slots=self._rows)
+        n = -(-len(rows) // self._cfg.row_multiple) * self._cfg.row_multiple if self._fixed_rows is None else (
+            self._fixed_rows)
+        return pack_pair_rows([*rows, *[None] * (n - len(rows))], length, self._rows)
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able state: stream position (and pairs of a grouped example already used) and counters."""
@@ -275,13 +285,13 @@ class BatchDataset(grain.IterDataset):
     """An IterDataset of host numpy batches (see `BatchIterator`)."""
 
     def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, task: Task,
-                 epoch_len: int | None = None) -> None:
+                 epoch_len: int | None = None, fixed_rows: int | None = None) -> None:
         super().__init__()
         self._stream, self._rows, self._cfg, self._task = stream, rows, cfg, task
-        self._epoch_len = epoch_len
+        self._epoch_len, self._fixed_rows = epoch_len, fixed_rows
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator(self._stream, self._rows, self._cfg, self._task, self._epoch_len)
+        return BatchIterator(self._stream, self._rows, self._cfg, self._task, self._epoch_len, self._fixed_rows)
 
 
 def _process_layout(cfg: DataConfig, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
@@ -334,7 +344,9 @@ def _grouped_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig,
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)[index::count].map(encode_fn)
-    return BatchDataset(ds, rows, cfg, task, epoch_len=-(-len(groups) // count))
+    # several processes: one row per pair on each (sharding.to_device needs equal local row counts)
+    fixed = -(-rows // cfg.row_multiple) * cfg.row_multiple if count > 1 else None
+    return BatchDataset(ds, rows, cfg, task, epoch_len=-(-len(groups) // count), fixed_rows=fixed)
 
 
 def stream_example(records_len: int, cfg: DataConfig, process_index: int, process_count: int,

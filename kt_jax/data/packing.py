@@ -10,8 +10,9 @@ LM pretraining (`world.pretrain.pack_rows`):
   scoring); the positions of a group's segments continue after the prefix. Segment ids count the row's segments
   1, 2, ... (0 = padding and shared prefixes); group ids count its groups (a bare segment is its own group).
 - `preference_rows` lays out one prompt's chosen answer and its rejected answers as `PairRow`s (shared prompt,
-  sibling answers; a pair whose group exceeds `max_len` falls back to two plain segments); `pack_pair_rows` turns
-  them into a `GroupedPreferenceBatch`.
+  sibling answers; a pair whose group exceeds `max_len` falls back to two plain segments); `fit_pair_rows` picks a
+  batch's row length (the bucket of its longest row) and puts several such rows into one where they fit (each
+  keeps its own attention groups); `pack_pair_rows` turns them into a `GroupedPreferenceBatch`.
 - `bucket_length` rounds a row length up to a bucket: configured sizes or powers of two, capped at `max_len`.
 """
 
@@ -151,6 +152,32 @@ def preference_rows(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequ
     if cur:
         flush()
     return rows
+
+
+def merge_pair_rows(rows: Sequence[PairRow]) -> PairRow:
+    """One row holding `rows` left to right: items concatenated (own attention groups), pair segment ids shifted."""
+    items: list[Any] = []
+    pairs: list[tuple[int, int, float, float]] = []
+    for row in rows:
+        shift = sum(len(it.segments) if isinstance(it, Group) else 1 for it in items)
+        pairs += [(c + shift, r + shift, rc, rr) for c, r, rc, rr in row.pairs]
+        items += row.items
+    return PairRow(tuple(items), tuple(pairs), sum(row.length for row in rows))
+
+
+def fit_pair_rows(rows: Sequence[PairRow], max_len: int, sizes: Sequence[int] | None, slots: int
+                  ) -> tuple[int, list[PairRow]]:
+    """(row length, rows): the bucket of the longest row, and `rows` merged first-fit (longest first) into as few
+    rows of that length, holding at most `slots` pairs each (a row of more pairs stays alone), as that finds.
+
+    The length is capped at `max_len`, or at 2 * `max_len` when a per-pair fallback row is longer than `max_len`.
+    """
+    longest = max(row.length for row in rows)
+    length = bucket_length(longest, max_len if longest <= max_len else 2 * max_len, sizes)
+    bins = Bins(length, max_weight=slots)
+    for i in sorted(range(len(rows)), key=lambda i: -rows[i].length):  # stable: ties keep stream order
+        bins.add(rows[i], rows[i].length, len(rows[i].pairs))  # a row alone always fits: length >= longest
+    return length, [merge_pair_rows(b) for b in bins.bins]
 
 
 def pack_pair_rows(rows: Sequence[PairRow | None], length: int, slots: int) -> GroupedPreferenceBatch:
