@@ -20,11 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # Smaller than configs/world-ci.yaml's own sizes: this test checks the mechanics, not the method's effect.
 SHRINK = ["pretrain.steps=40", "pretrain.probe_max_new_tokens=32", "generate.max_new_tokens=48",
           "sft.train.num_epochs=1", "mesh.fsdp=1"]
+# ... and a two-candidate validation search over the SFT learning rate (the DPO section is the same in both, so
+# KnowTuning trains once): every SFT-type system trains both, the chosen one continues and answers the test.
+SEARCH = ["world.valid_fraction=0.2",
+          "search.candidates=[{sft.optim.learning_rate: 0.0003}, {sft.optim.learning_rate: 0.001}]"]
 
 
 def _cmd(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "kt_jax.cli", "run", "--config", str(ROOT / "configs" / "world-ci.yaml"),
-            f"run_dir={run_dir}", *SHRINK]
+            f"run_dir={run_dir}", *SHRINK, *SEARCH]
 
 
 def _env() -> dict[str, str]:
@@ -37,7 +41,7 @@ def _env() -> dict[str, str]:
 def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = run_dir / "stages" / "sft.json"
+    marker = run_dir / "stages" / "valid_sft@0.json"
     deadline = time.time() + 400
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -45,7 +49,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
     proc.send_signal(signal.SIGKILL)  # now inside a later stage (ka training)
     proc.wait()
     done_before = {p.stem for p in (run_dir / "stages").glob("*.json")}
-    assert {"world", "pretrain", "knowledge", "sft"} <= done_before
+    assert {"world", "pretrain", "knowledge", "sft@0", "valid_sft@0"} <= done_before
     assert "report" not in done_before and not (run_dir / "report.md").exists()
 
     out = subprocess.run(_cmd(run_dir), env=_env(), capture_output=True, text=True, timeout=900)
@@ -58,8 +62,16 @@ def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
     report = (run_dir / "report.md").read_text()
     for label in ("| SFT |", "| KA-SFT (-KC) |", "| KnowTuning |", "completeness", "meteor"):
         assert label in report
+    assert set(summary["chosen"]) == {"sft", "ka", "knowtuning"} and summary["chosen"]["knowtuning"] == "knowtuning@0"
+    for name in ("sft", "ka"):
+        searched = json.loads((run_dir / "search" / f"{name}.json").read_text())
+        scores = [c["validation"]["completeness"] for c in searched["candidates"]]
+        assert len(scores) == 2 and summary["chosen"][name] == f"{name}@{searched['chosen']}"
+        assert scores[searched["chosen"]] == max(scores)
+        assert (run_dir / "train" / f"{name}@1" / "export" / "config.json").exists()
+    assert "## Hyperparameters chosen on the validation entities" in report
     for name in ("sft", "ka", "knowtuning"):
-        assert (run_dir / "train" / name / "export" / "config.json").exists()
+        assert (run_dir / "train" / summary["chosen"][name] / "export" / "config.json").exists()
         rows = (run_dir / "predictions" / name / "predictions.jsonl").read_text().splitlines()
         assert len(rows) == len(json.loads((run_dir / "world" / "qa_test.json").read_text()))
     assert "kt-jax run world-ci: done" in out.stdout and "report:" in out.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -90,3 +91,42 @@ def test_config_errors_name_the_key():
         WorldConfig(num_people=4, num_artefacts=5)
     with pytest.raises(ConfigError, match="test_fraction"):
         WorldConfig(test_fraction=1.0)
+
+
+def test_entity_groups_and_a_corpus_without_fine_tuning_qa():
+    cfg = WorldConfig(seed=6, num_people=30, num_orgs=10, num_places=10, num_artefacts=12, valid_fraction=0.2,
+                      qa_fraction=0.3, corpus_qa=False, narrow_questions=3)
+    world = generate_world(cfg)
+    groups = [world.train_ids, world.valid_ids, world.test_ids, world.qa_ids]
+    assert sorted(sum(groups, [])) == sorted(world.entities) and all(groups)
+    assert len(set(sum(groups, []))) == len(world.entities)  # disjoint
+    assert len([e for e in world.qa_ids if e.startswith("person")]) == round(30 * 0.3)
+    qs = splits(world)
+    docs = corpus(world, qs)
+    for eid, ent in world.entities.items():  # every entity, whatever its group, is described
+        assert sum(d.startswith(f"About {ent.display}\n") for d in docs) == cfg.descriptions_per_entity, eid
+    in_corpus = {q.instruction for q in qs["qa"]}
+    assert all(any(q in d for d in docs) for q in in_corpus)  # mixed training: the qa group's QA pairs
+    for split in ("train", "valid", "test"):  # ... and no QA text about any fine-tuning entity
+        assert not any(q.instruction in d for q in qs[split] for d in docs), split
+    assert sum("### Response:" in d for d in docs) == len(qs["qa"])
+    # the old leaky regime adds the train split's QA pairs; carving out a validation group keeps the test entities
+    leaky = generate_world(WorldConfig(seed=6))
+    assert sum("### Response:" in d for d in corpus(leaky)) == len(splits(leaky)["train"])
+    grouped = generate_world(dataclasses.replace(WorldConfig(seed=6), valid_fraction=0.2))
+    assert grouped.test_ids == leaky.test_ids and set(grouped.valid_ids) < set(leaky.train_ids)
+    with pytest.raises(ConfigError, match="leave entities for training"):
+        WorldConfig(test_fraction=0.5, valid_fraction=0.2, qa_fraction=0.3)
+
+
+def test_permuted_descriptions_state_the_same_facts_in_other_orders():
+    world = generate_world(WorldConfig(seed=7, permute_descriptions=True))
+    checker, rng = Checker(world), random.Random(0)
+    orders = set()
+    for ent in world.entities.values():
+        for _ in range(4):
+            text = description(world, ent, rng)
+            r = checker.check(text, ent.id)
+            assert (r.completeness, r.factuality) == (1.0, 1.0), text
+            orders.add((ent.id, tuple(t.attribute for t in checker.triples(text, ent.id))))
+    assert len(orders) > len(world.entities)  # the same entity is described in more than one order

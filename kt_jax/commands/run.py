@@ -25,6 +25,19 @@ def run(args: argparse.Namespace) -> int:
     initialize_from_env()  # multi-process JAX when launched so (KT_JAX_* variables, or auto on TPU VMs)
     setup_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if cfg.seeds:
+        from kt_jax.workflow.replicate import run_seeds
+
+        summary = run_seeds(cfg)
+        if is_main_process():
+            print(f"\nkt-jax run {cfg.name}: seeds {list(cfg.seeds)} done in {summary['seconds']:.0f} s -> "
+                  f"{summary['run_dir']}")
+            for name, values in summary["metrics"].items():
+                c = values.get("completeness", {})
+                print(f"  {SYSTEM_LABELS.get(name, name):22s} completeness {c.get('mean', float('nan')):.4f} "
+                      f"± {c.get('std') or 0.0:.4f}")
+            print(f"report: {summary['report']}")
+        return 0
     pipeline = Pipeline(cfg)
     summary = pipeline.run()
     if not is_main_process():

@@ -16,6 +16,7 @@ from kt_jax.knowledge.job import KnowledgeConfig
 from kt_jax.knowledge.preferences import PreferenceConfig
 from kt_jax.sharding import MeshConfig
 from kt_jax.train.job import TuneConfig
+from kt_jax.workflow.search import SearchConfig
 from kt_jax.world.generator import WorldConfig
 from kt_jax.world.pretrain import PretrainConfig
 
@@ -49,6 +50,8 @@ class PipelineConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     preferences: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)  # rlaif / facttune: k, ...
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)  # hyperparameters chosen on validation
+    seeds: tuple[int, ...] = ()  # several seeds of a world run, one report over them (workflow.replicate)
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad key."""
@@ -69,5 +72,12 @@ class PipelineConfig:
                 if getattr(getattr(self, section), key) != getattr(default, key):
                     raise ConfigError(f"{section}.{key}: set by kt-jax run (from train_file/test_file/base_model and "
                                       "the run directory); remove it from the config")
+        if self.search.candidates and (self.world is None or not self.world.valid_fraction):
+            raise ConfigError("search: choosing hyperparameters needs validation entities (a world with "
+                              "world.valid_fraction > 0)")
+        if self.seeds and (self.world is None or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"seeds: {list(self.seeds)}: distinct seeds of a config with a world section")
+        self.search.section_configs("sft", self.sft)  # a bad key fails here, not after pretraining
+        self.search.section_configs("dpo", self.dpo)
         self.sft.validate()
         self.dpo.validate()

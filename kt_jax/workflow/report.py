@@ -41,10 +41,27 @@ def _differences(differences: dict[str, dict[str, Any]], labels: dict[str, str])
     return [*lines, "", "Forest plot: `eval/differences.png`.", ""]
 
 
+def _search(searched: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    lines = ["## Hyperparameters chosen on the validation entities", "",
+             "Each system trained every candidate; only the chosen one (*) answered the test questions.", "",
+             "| system | candidate | overrides | validation completeness | factuality | recall |",
+             "|---|---|---|---|---|---|"]
+    for s in searched:
+        for c in s["candidates"]:
+            mark = " *" if c["candidate"] == s["chosen"] else ""
+            v = c["validation"]
+            lines.append(f"| {labels.get(s['system'], s['system'])} | {c['candidate']}{mark} | "
+                         f"{', '.join(f'{k}={x}' for k, x in c['overrides'].items()) or '(section unchanged)'} | "
+                         f"{v.get('completeness', 0):.4f} | {v.get('factuality', 0):.4f} | "
+                         f"{v.get('recall_micro', 0):.4f} |")
+    return [*lines, ""]
+
+
 def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[str, float]],
                  probe: dict[str, Any] | None, labels: dict[str, str], *,
                  validity: dict[str, dict[str, Any]] | None = None,
-                 differences: dict[str, dict[str, Any]] | None = None) -> Path:
+                 differences: dict[str, dict[str, Any]] | None = None,
+                 search: list[dict[str, Any]] | None = None) -> Path:
     """Write the run's report.md to `path`; returns it."""
     keys = [k for k in COLUMNS if any(k in m for m in metrics.values())]
     lines = [f"# KnowTuning run: {name}", "", f"Run directory: `{run_dir}`; detailed evaluation: `eval/report.md`.", ""]
@@ -61,5 +78,7 @@ def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[s
     lines.append("")
     if differences:
         lines += _differences(differences, labels)
+    if search:
+        lines += _search(search, labels)
     path.write_text("\n".join(lines) + "\n")
     return path

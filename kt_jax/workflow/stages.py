@@ -24,6 +24,7 @@ from kt_jax.runlock import RunLock
 from kt_jax.workflow.config import SYSTEM_LABELS, PipelineConfig
 from kt_jax.workflow.report import write_report
 from kt_jax.workflow.resume import Stages
+from kt_jax.workflow.search import search_table
 
 _NO_PATHS = {"knowledge": dict(data="", out="", model="", tokenizer=""),
              "generate": dict(model="", data="", out="", tokenizer="")}
@@ -46,7 +47,8 @@ class Pipeline:
         self.mesh = mesh
         self.base_model = cfg.base_model
         self.tokenizer = cfg.tokenizer or cfg.base_model
-        self.train_file, self.test_file = cfg.train_file, cfg.test_file
+        self.train_file, self.test_file, self.valid_file = cfg.train_file, cfg.test_file, ""
+        self.chosen: dict[str, str] = {}  # system -> the stage of its validation-chosen candidate (workflow.search)
         self.source = "pretrain" if cfg.world is not None and not cfg.base_model else "inputs"
 
     def mesh_(self) -> Any:
@@ -81,8 +83,10 @@ class Pipeline:
         out = self.dir / "world"
         self.stages.run("world", lambda: {k: str(v) for k, v in write_world(generate_world(self.cfg.world),
                                                                                 out).items()},
-                        settings=self.cfg.world, outputs=[out / "qa_train.json", out / "qa_test.json"])
+                        settings=self.cfg.world,
+                        outputs=[out / "qa_train.json", out / "qa_valid.json", out / "qa_test.json"])
         self.train_file, self.test_file = str(out / "qa_train.json"), str(out / "qa_test.json")
+        self.valid_file = str(out / "qa_valid.json")
 
     def pretrain(self) -> None:
         from kt_jax.world.generator import World
@@ -185,49 +189,55 @@ class Pipeline:
     def train_systems(self, systems: set[str]) -> dict[str, str]:
         """Train every system `systems` needs (and what they start from); returns name -> merged export."""
         from kt_jax.workflow import systems as extra
+        from kt_jax.workflow.search import tune_chosen
+
+        tune = lambda name, **kw: tune_chosen(self, name, **kw)
 
         kdir = self.dir / "knowledge"
-        models = {"sft": self.tune("sft", start=None, train_file=self.train_file, kind="qa", upstream=[])}
+        models = {"sft": tune("sft", start=None, train_file=self.train_file, kind="qa", upstream=[])}
         kc_systems = {"knowtuning", "no_ka", *extra.ABLATIONS}
         if ({"ka", "sft_steps"} | (kc_systems - {"no_ka"})) & systems:
-            models["ka"] = self.tune("ka", start=None, train_file=str(kdir / "ka.jsonl"), kind="ka",
-                                     upstream=["knowledge"])
+            models["ka"] = tune("ka", start=None, train_file=str(kdir / "ka.jsonl"), kind="ka",
+                                upstream=["knowledge"])
         if "sft_steps" in systems:
             steps = dataclasses.replace(self.cfg.sft.train, num_steps=extra.ka_steps(self))
-            models["sft_steps"] = self.tune("sft_steps", start=None, train_file=self.train_file, kind="qa",
-                                            upstream=["ka"], tune_cfg=dataclasses.replace(self.cfg.sft, train=steps))
+            models["sft_steps"] = tune("sft_steps", start=None, train_file=self.train_file, kind="qa",
+                                       upstream=["ka"], tune_cfg=dataclasses.replace(self.cfg.sft, train=steps))
         if kc_systems & systems:
             kc = self.reference()
             if "knowtuning" in systems:
-                models["knowtuning"] = self.tune("knowtuning", start="ka", train_file=kc, kind="kc",
-                                                 upstream=["reference"])
+                models["knowtuning"] = tune("knowtuning", start="ka", train_file=kc, kind="kc",
+                                            upstream=["reference"])
             if "no_ka" in systems:
-                models["no_ka"] = self.tune("no_ka", start="sft", train_file=kc, kind="kc", upstream=["reference"])
+                models["no_ka"] = tune("no_ka", start="sft", train_file=kc, kind="kc", upstream=["reference"])
             for name in extra.ABLATIONS:
                 if name in systems:
-                    models[name] = self.tune(name, start="ka", train_file=extra.ablation_pairs(self, name),
-                                             kind="kc", upstream=[f"pairs_{name}"])
+                    models[name] = tune(name, start="ka", train_file=extra.ablation_pairs(self, name),
+                                        kind="kc", upstream=[f"pairs_{name}"])
         if set(extra.BASELINES) & systems:
             samples = extra.sample_answers(self, models["sft"])
             for method in extra.BASELINES:
                 if method in systems:
                     extra.preference_pairs(self, method, samples)
                     pairs = self.reference(f"reference_{method}", pairs=method, upstream=f"pairs_{method}")
-                    models[method] = self.tune(method, start="sft", train_file=pairs, kind="kc",
-                                               upstream=[f"reference_{method}"])
+                    models[method] = tune(method, start="sft", train_file=pairs, kind="kc",
+                                          upstream=[f"reference_{method}"])
         return models
 
     # -- generation and evaluation -------------------------------------------------------------------------
-    def generate(self, name: str, model: str, upstream: list[str] | None = None) -> str:
-        """predictions/<name>/predictions.jsonl: `model` answering the test questions."""
+    def generate(self, name: str, model: str, upstream: list[str] | None = None, *, data: str | None = None,
+                 split: str = "test") -> str:
+        """predictions/<name>/predictions.jsonl: `model` answering the test questions (or predictions/valid/<name>:
+        the validation questions, for the search)."""
         from kt_jax.inference.generate_file import generate_file
 
-        out = self.dir / "predictions" / name
-        data = self.cfg.sft.data
-        gcfg = dataclasses.replace(self.cfg.generate, model=model, data=self.test_file, out=str(out),
-                                   tokenizer=self.tokenizer, template=data.template, add_bos=data.add_bos)
-        self.stages.run(f"generate_{name}", lambda: _brief(generate_file(gcfg, mesh=self.mesh_())),
-                        settings=_settings(gcfg), upstream=upstream or [name, self.source],
+        out = self.dir / "predictions" / name if split == "test" else self.dir / "predictions" / split / name
+        tmpl = self.cfg.sft.data
+        gcfg = dataclasses.replace(self.cfg.generate, model=model, data=data or self.test_file, out=str(out),
+                                   tokenizer=self.tokenizer, template=tmpl.template, add_bos=tmpl.add_bos)
+        stage = f"generate_{name}" if split == "test" else f"{split}_{name}"
+        self.stages.run(stage, lambda: _brief(generate_file(gcfg, mesh=self.mesh_())),
+                        settings=_settings(gcfg), upstream=upstream or [self.chosen.get(name, name), self.source],
                         outputs=[out / "predictions.jsonl"])
         return str(out / "predictions.jsonl")
 
@@ -279,11 +289,12 @@ class Pipeline:
         report = self.dir / "report.md"
         summary = {"run_dir": str(self.dir), "report": str(report), "seconds": time.perf_counter() - start,
                    "stages": [{"name": r.name, "skipped": r.skipped, "seconds": round(r.seconds, 1)}
-                              for r in self.stages.results], **evaluated}
+                              for r in self.stages.results], "chosen": dict(self.chosen), **evaluated}
         if is_main_process():  # stage outputs exist on every worker's disk; the report and summary on process 0
             probe = getattr(self, "base_summary", None) or (self.stages.record("pretrain") or {}).get("summary")
             write_report(report, self.cfg.name, self.dir, metrics, probe, SYSTEM_LABELS,
-                         validity=evaluated.get("validity"), differences=evaluated.get("differences"))
+                         validity=evaluated.get("validity"), differences=evaluated.get("differences"),
+                         search=search_table(self.dir))
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 

@@ -61,7 +61,7 @@ def sample_answers(pipe: Pipeline, sft_model: str) -> Path:
         return {"questions": len(rows), "k": k}
 
     pipe.stages.run("samples", run, settings={"k": k, "generate": dataclasses.replace(base, model="", data="")},
-                    upstream=["sft", pipe.source], outputs=[out / "samples.jsonl"])
+                    upstream=[pipe.chosen.get("sft", "sft"), pipe.source], outputs=[out / "samples.jsonl"])
     return out / "samples.jsonl"
 
 
@@ -90,7 +90,7 @@ def preference_pairs(pipe: Pipeline, method: str, samples: Path) -> str:
 
 def ka_steps(pipe: Pipeline) -> int:
     """How many optimizer steps the KA-SFT stage took (from its stage record)."""
-    record = pipe.stages.record("ka") or {}
+    record = pipe.stages.record(pipe.chosen.get("ka", "ka")) or {}
     steps = (record.get("summary") or {}).get("total_steps")
     if not steps:
         raise RuntimeError("sft_steps needs the ka stage's step count; run it first")

@@ -108,14 +108,15 @@ def world_report(pipe: Pipeline, predictions: dict[str, str], base_predictions: 
 
     out = pipe.dir / "eval" / "world_metrics.json"
     recall = cloze(pipe)["recall"]
-    again = regenerate(pipe, str(pipe.dir / "train" / "sft" / "export"))
+    again = regenerate(pipe, str(pipe.dir / "train" / pipe.chosen.get("sft", "sft") / "export"))
 
     def run() -> dict[str, Any]:
         summaries, rows = world_rows(pipe, {**predictions, "base": base_predictions})
         diffs = differences({k: v for k, v in rows.items() if k != "base"})
         sft_answers = [r["prediction"] for r in read_rows(predictions["sft"])]
         report = {"metrics": summaries, "differences": diffs,
-                  "validity": validity(rows, diffs, recall, sft_answers, again), "questions": len(rows["sft"])}
+                  "validity": validity(rows, diffs, recall, sft_answers, again), "questions": len(rows["sft"]),
+                  "rows": rows}
         if diffs:
             forest_plot(diffs, pipe.dir / "eval" / "differences.png")
         out.write_text(json.dumps(report, indent=2) + "\n")

@@ -40,9 +40,14 @@ class WorldConfig:
     num_regions: int = 4
     num_rivers: int = 5
     test_fraction: float = 0.25  # share of each kind's entities whose questions form the test split
-    descriptions_per_entity: int = 4  # corpus documents per entity (varied wording, canonical order)
+    valid_fraction: float = 0.0  # share of each kind's entities whose questions form the validation split
+    # share of each kind's entities that only pretraining sees, with their QA pairs in the corpus (Allen-Zhu and
+    # Li's "mixed training": the base model learns to answer from stored knowledge on entities no split asks about)
+    qa_fraction: float = 0.0
+    descriptions_per_entity: int = 4  # corpus documents per entity (varied wording)
+    permute_descriptions: bool = False  # each description states the facts in a fresh random order
     narrow_questions: int = 1  # narrow questions per entity (besides "Tell me about X.")
-    corpus_qa: bool = True  # add the train split's QA pairs (alpaca-templated) to the pretraining corpus
+    corpus_qa: bool = True  # add the fine-tuning train split's QA pairs to the corpus (the leaky old regime)
     # first line of each corpus description ("" = none); "About {e}" puts the name in the same token form (after a
     # space) as the question "Tell me about {e}." does, so the model learns to copy it into the first sentence.
     title: str = "About {e}"
@@ -57,6 +62,12 @@ class WorldConfig:
                               "(each artefact has its own maker)")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"world.test_fraction={self.test_fraction}; must be in (0, 1)")
+        for name in ("valid_fraction", "qa_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"world.{name}={getattr(self, name)}; must be in [0, 1)")
+        if self.test_fraction + self.valid_fraction + self.qa_fraction >= 1.0:
+            raise ConfigError("world.test_fraction + valid_fraction + qa_fraction must leave entities for training "
+                              f"(sum {self.test_fraction + self.valid_fraction + self.qa_fraction:g} >= 1)")
         if self.descriptions_per_entity < 1:
             raise ConfigError(f"world.descriptions_per_entity={self.descriptions_per_entity}; must be >= 1")
         if not 0 <= self.narrow_questions <= 3:
@@ -85,7 +96,11 @@ class Entity:
 
 @dataclasses.dataclass
 class World:
-    """All entities plus vocabulary; `train_ids`/`test_ids` are disjoint entity id lists."""
+    """All entities plus vocabulary; the id lists are disjoint groups of entities.
+
+    train/valid/test: the fine-tuning splits' entities; qa: pretraining-only entities whose QA pairs the corpus holds.
+    Every entity, whatever its group, is described in the corpus.
+    """
 
     config: WorldConfig
     entities: dict[str, Entity]
@@ -93,6 +108,8 @@ class World:
     rivers: list[str]
     train_ids: list[str]
     test_ids: list[str]
+    valid_ids: list[str] = dataclasses.field(default_factory=list)
+    qa_ids: list[str] = dataclasses.field(default_factory=list)
 
     def by_name(self, name: str) -> Entity:
         """The entity whose core or display name is `name`."""
@@ -104,15 +121,16 @@ class World:
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable form (see `World.from_json`)."""
         return {"config": dataclasses.asdict(self.config), "regions": self.regions, "rivers": self.rivers,
-                "train_ids": self.train_ids, "test_ids": self.test_ids,
-                "entities": [dataclasses.asdict(e) for e in self.entities.values()]}
+                "train_ids": self.train_ids, "test_ids": self.test_ids, "valid_ids": self.valid_ids,
+                "qa_ids": self.qa_ids, "entities": [dataclasses.asdict(e) for e in self.entities.values()]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> World:
         """Inverse of `to_json`."""
         ents = {e["id"]: Entity(**e) for e in data["entities"]}
         return cls(WorldConfig(**data["config"]), ents, list(data["regions"]), list(data["rivers"]),
-                   list(data["train_ids"]), list(data["test_ids"]))
+                   list(data["train_ids"]), list(data["test_ids"]), list(data.get("valid_ids", [])),
+                   list(data.get("qa_ids", [])))
 
     def save(self, path: str | Path) -> Path:
         """Write the world as JSON."""
@@ -208,14 +226,20 @@ def generate_world(cfg: WorldConfig) -> World:
                                 facts))
         maker.facts["creation"] = f"artefact{i}"
     entities = {e.id: e for e in [*people, *orgs, *places, *artefacts]}
-    train_ids, test_ids = [], []
+    groups: dict[str, list[str]] = {"train": [], "test": [], "valid": [], "qa": []}
     for kind in ENTITY_KINDS:
         ids = [e.id for e in entities.values() if e.kind == kind]
         rng.shuffle(ids)
-        n_test = max(1, round(len(ids) * cfg.test_fraction))
-        test_ids += sorted(ids[:n_test], key=_id_key)
-        train_ids += sorted(ids[n_test:], key=_id_key)
-    return World(cfg, entities, regions, rivers, train_ids, test_ids)
+        cut = 0
+        for name, fraction, least in (("test", cfg.test_fraction, 1), ("valid", cfg.valid_fraction, 0),
+                                      ("qa", cfg.qa_fraction, 0)):
+            n = max(least, round(len(ids) * fraction)) if fraction else 0
+            groups[name] += sorted(ids[cut:cut + n], key=_id_key)
+            cut += n
+        if cut >= len(ids):
+            raise ConfigError(f"world: no {kind} entities left for the train split; make the fractions smaller")
+        groups["train"] += sorted(ids[cut:], key=_id_key)
+    return World(cfg, entities, regions, rivers, groups["train"], groups["test"], groups["valid"], groups["qa"])
 
 
 def _id_key(entity_id: str) -> tuple[str, int]:

@@ -49,9 +49,13 @@ def canonical_answer(world: World, ent: Entity, attributes: tuple[str, ...] | No
 
 
 def description(world: World, ent: Entity, rng: random.Random) -> str:
-    """A corpus description: every fact once, canonical order, each sentence in a random wording."""
+    """A corpus description: every fact once, each sentence in a random wording; canonical order, or a random
+    order when the world permutes descriptions."""
+    attrs = [a for a, _ in ent.ordered_facts()]
+    if world.config.permute_descriptions:
+        rng.shuffle(attrs)
     return " ".join(fact_sentence(world, ent, a, rng.randrange(len(attr_spec(ent.kind, a).templates)))
-                    for a, _ in ent.ordered_facts())
+                    for a in attrs)
 
 
 def questions_for(world: World, ent: Entity, rng: random.Random) -> list[Question]:
@@ -71,39 +75,49 @@ def record(world: World, q: Question) -> dict[str, str]:
             "output": canonical_answer(world, world.entities[q.entity_id], q.attributes)}
 
 
+SPLITS = ("train", "valid", "test")
+
+
 def splits(world: World) -> dict[str, list[Question]]:
-    """Train and test questions over the world's disjoint train/test entities (deterministic)."""
+    """Questions per entity group: train, test, valid (fine-tuning splits) and qa (pretraining only); deterministic.
+
+    Drawn in the order train, test, valid, qa (a world without valid/qa groups keeps its old questions).
+    """
     rng = random.Random(world.config.seed + 1)
-    return {name: [q for eid in ids for q in questions_for(world, world.entities[eid], rng)]
-            for name, ids in (("train", world.train_ids), ("test", world.test_ids))}
+    groups = (("train", world.train_ids), ("test", world.test_ids), ("valid", world.valid_ids), ("qa", world.qa_ids))
+    return {name: [q for eid in ids for q in questions_for(world, world.entities[eid], rng)] for name, ids in groups}
 
 
-def corpus(world: World, train_questions: list[Question] | None = None) -> list[str]:
-    """Pretraining documents: each entity described `descriptions_per_entity` times (+ train QA when configured)."""
+def corpus(world: World, questions: dict[str, list[Question]] | None = None) -> list[str]:
+    """Pretraining documents: every entity described `descriptions_per_entity` times, the QA pairs of the qa group
+    (mixed training) and, with `corpus_qa`, the train split's QA pairs; shuffled."""
     from kt_jax.data.templates import alpaca_prompt
 
     rng = random.Random(world.config.seed + 2)
+    qs = questions if questions is not None else splits(world)
     title = lambda ent: world.config.title.format(e=ent.display) + "\n" if world.config.title else ""
     docs = [title(ent) + description(world, ent, rng) for ent in world.entities.values()
             for _ in range(world.config.descriptions_per_entity)]
-    if world.config.corpus_qa:
-        qs = train_questions if train_questions is not None else splits(world)["train"]
-        docs += [alpaca_prompt(q.instruction) + record(world, q)["output"] for q in qs]
+    qa = qs["qa"] + (qs["train"] if world.config.corpus_qa else [])
+    docs += [alpaca_prompt(q.instruction) + record(world, q)["output"] for q in qa]
     rng.shuffle(docs)
     return docs
 
 
 def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:
-    """Write world.json, corpus.jsonl, qa_train.json, qa_test.json and questions.jsonl (gold per question)."""
+    """Write world.json, corpus.jsonl, qa_{train,valid,test}.json and questions.jsonl (gold per question).
+
+    qa_valid.json is written (possibly empty) whatever the world's valid_fraction, so every world has the same files.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qs = splits(world)
     paths = {"world": world.save(out / "world.json"), "corpus": out / "corpus.jsonl",
-             "train": out / "qa_train.json", "test": out / "qa_test.json", "questions": out / "questions.jsonl"}
+             **{split: out / f"qa_{split}.json" for split in SPLITS}, "questions": out / "questions.jsonl"}
     with open(paths["corpus"], "w", encoding="utf-8") as fh:
-        for doc in corpus(world, qs["train"]):
+        for doc in corpus(world, qs):
             fh.write(json.dumps({"text": doc}) + "\n")
-    for split in ("train", "test"):
+    for split in SPLITS:
         rows = [record(world, q) for q in qs[split]]
         paths[split].write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     with open(paths["questions"], "w", encoding="utf-8") as fh:

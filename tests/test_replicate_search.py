@@ -1,0 +1,74 @@
+"""Multi-seed runs (workflow.replicate) and the validation search's configs (workflow.search), without training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kt_jax.config import load_config
+from kt_jax.errors import ConfigError
+from kt_jax.workflow.config import PipelineConfig
+from kt_jax.workflow.replicate import combine, seed_config, write_replicate_report
+from kt_jax.workflow.search import SearchConfig
+
+CI = "configs/world-ci.yaml"
+
+
+def test_seed_config_moves_every_seed_and_the_run_directory() -> None:
+    cfg = load_config(PipelineConfig, CI, ["seeds=[3, 4]", "run_dir=/tmp/rep"])
+    one = seed_config(cfg, 4)
+    assert one.seeds == () and one.run_dir == "/tmp/rep/seed4" and one.name == "world-ci-seed4"
+    assert (one.world.seed, one.pretrain.seed, one.knowledge.seed, one.sft.train.seed, one.dpo.train.seed) == (4,) * 5
+    assert one.sft.optim == cfg.sft.optim and one.world.num_people == cfg.world.num_people
+    with pytest.raises(ConfigError, match="distinct seeds"):
+        load_config(PipelineConfig, CI, ["seeds=[1, 1]"])
+
+
+def _rows(values: list[float]) -> list[dict]:
+    return [{"entity_id": f"e{i}", "completeness": v, "factuality": 1.0, "logicality": 1.0, "recall": v,
+             "recalled": 1, "gold": 1, "stated": 1, "correct": 1, "wrong": 0, "hallucinated": 0, "off_target": False}
+            for i, v in enumerate(values)]
+
+
+def test_combine_pools_seeds_and_keeps_each_seed(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    per_seed = {}
+    for seed, shift in ((0, 0.1), (1, 0.3)):
+        base = rng.uniform(0, 0.6, 40)
+        rows = {"sft": _rows(list(base)), "knowtuning": _rows(list(base + shift)), "base": _rows([0.0] * 40)}
+        (tmp_path / f"seed{seed}" / "eval").mkdir(parents=True)
+        (tmp_path / f"seed{seed}" / "eval" / "world_metrics.json").write_text(json.dumps({"rows": rows}))
+        diff = {"completeness": {"mean": shift, "ci_low": shift - 0.01, "ci_high": shift + 0.01}}
+        per_seed[seed] = {"metrics": {"sft": {"completeness": float(base.mean()), "meteor": 0.5},
+                                      "knowtuning": {"completeness": float(base.mean() + shift)}},
+                          "differences": {"knowtuning": diff},
+                          "validity": {"stored": {"value": 0.95, "threshold": 0.9, "pass": True}}, "questions": 40}
+    out = combine(tmp_path, per_seed)
+    pooled = out["pooled_differences"]["knowtuning"]["completeness"]
+    assert pooled["mean"] == pytest.approx(0.2)  # 80 questions: half +0.1, half +0.3
+    assert pooled["ci_low"] <= 0.2 <= pooled["ci_high"]
+    agg = out["differences"]["knowtuning"]["completeness"]["mean"]
+    assert agg["mean"] == pytest.approx(0.2) and agg["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    assert "meteor" not in out["metrics"]["sft"]  # only the world metrics are aggregated
+    summary = {"seeds": [0, 1], **out}
+    text = write_replicate_report(tmp_path / "report.md", "rep", summary).read_text()
+    assert "| stored | pass (0.950) | pass (0.950) |" in text
+    assert "| KnowTuning | completeness | +0.2000 [" in text and "+0.1000 [+0.0900, +0.1100]" in text
+
+
+def test_search_candidates_apply_to_their_own_section() -> None:
+    cfg = load_config(PipelineConfig, CI, [
+        "world.valid_fraction=0.2",
+        "search.candidates=[{sft.optim.learning_rate: 0.001, dpo.dpo.beta: 0.5}, {sft.train.num_epochs: 2}]"])
+    sft = cfg.search.section_configs("sft", cfg.sft)
+    assert [c.optim.learning_rate for c in sft] == [0.001, cfg.sft.optim.learning_rate]
+    assert [c.train.num_epochs for c in sft] == [cfg.sft.train.num_epochs, 2]
+    assert [c.dpo.beta for c in cfg.search.section_configs("dpo", cfg.dpo)] == [0.5, cfg.dpo.dpo.beta]
+    with pytest.raises(ConfigError, match="validation entities"):
+        load_config(PipelineConfig, CI, ["search.candidates=[{sft.optim.learning_rate: 0.001}]"])
+    with pytest.raises(ConfigError, match=r"search\.candidates\[0\]: unknown key\(s\) optim\.lr"):
+        load_config(PipelineConfig, CI, ["world.valid_fraction=0.2", "search.candidates=[{sft.optim.lr: 0.1}]"])
+    with pytest.raises(ConfigError, match="dotted key under sft. or dpo."):
+        SearchConfig(candidates=({"eval.bertscore": True},)).validate()
