@@ -58,7 +58,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
     skipped = {s["name"] for s in summary["stages"] if s["skipped"]}
     assert done_before <= skipped
     ran = {s["name"] for s in summary["stages"] if not s["skipped"]}
-    assert {"knowtuning", "generate_knowtuning", "evaluate"} <= ran
+    assert {"knowtuning@0", "valid_knowtuning@0", "generate_knowtuning", "evaluate"} <= ran
     report = (run_dir / "report.md").read_text()
     for label in ("| SFT |", "| KA-SFT (-KC) |", "| KnowTuning |", "completeness", "meteor"):
         assert label in report
