@@ -70,5 +70,5 @@ def test_search_candidates_apply_to_their_own_section() -> None:
         load_config(PipelineConfig, CI, ["search.candidates=[{sft.optim.learning_rate: 0.001}]"])
     with pytest.raises(ConfigError, match=r"search\.candidates\[0\]: unknown key\(s\) optim\.lr"):
         load_config(PipelineConfig, CI, ["world.valid_fraction=0.2", "search.candidates=[{sft.optim.lr: 0.1}]"])
-    with pytest.raises(ConfigError, match="dotted key under sft. or dpo."):
+    with pytest.raises(ConfigError, match=r"dotted key under sft\. or dpo\."):
         SearchConfig(candidates=({"eval.bertscore": True},)).validate()

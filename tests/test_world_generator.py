@@ -98,8 +98,9 @@ def test_entity_groups_and_a_corpus_without_fine_tuning_qa():
                       qa_fraction=0.3, corpus_qa=False, narrow_questions=3)
     world = generate_world(cfg)
     groups = [world.train_ids, world.valid_ids, world.test_ids, world.qa_ids]
-    assert sorted(sum(groups, [])) == sorted(world.entities) and all(groups)
-    assert len(set(sum(groups, []))) == len(world.entities)  # disjoint
+    ids = [e for group in groups for e in group]
+    assert sorted(ids) == sorted(world.entities) and all(groups)
+    assert len(set(ids)) == len(world.entities)  # disjoint
     assert len([e for e in world.qa_ids if e.startswith("person")]) == round(30 * 0.3)
     qs = splits(world)
     docs = corpus(world, qs)
@@ -111,9 +112,9 @@ def test_entity_groups_and_a_corpus_without_fine_tuning_qa():
         assert not any(q.instruction in d for q in qs[split] for d in docs), split
     assert sum("### Response:" in d for d in docs) == len(qs["qa"])
     # the old leaky regime adds the train split's QA pairs; carving out a validation group keeps the test entities
-    leaky = generate_world(WorldConfig(seed=6))
+    leaky = generate_world(WorldConfig(seed=6, corpus_qa=True))
     assert sum("### Response:" in d for d in corpus(leaky)) == len(splits(leaky)["train"])
-    grouped = generate_world(dataclasses.replace(WorldConfig(seed=6), valid_fraction=0.2))
+    grouped = generate_world(dataclasses.replace(leaky.config, valid_fraction=0.2))
     assert grouped.test_ids == leaky.test_ids and set(grouped.valid_ids) < set(leaky.train_ids)
     with pytest.raises(ConfigError, match="leave entities for training"):
         WorldConfig(test_fraction=0.5, valid_fraction=0.2, qa_fraction=0.3)

@@ -47,7 +47,7 @@ class WorldConfig:
     descriptions_per_entity: int = 4  # corpus documents per entity (varied wording)
     permute_descriptions: bool = False  # each description states the facts in a fresh random order
     narrow_questions: int = 1  # narrow questions per entity (besides "Tell me about X.")
-    corpus_qa: bool = True  # add the fine-tuning train split's QA pairs to the corpus (the leaky old regime)
+    corpus_qa: bool = False  # add the fine-tuning train split's QA pairs to the corpus (the old, leaky regime)
     # first line of each corpus description ("" = none); "About {e}" puts the name in the same token form (after a
     # space) as the question "Tell me about {e}." does, so the model learns to copy it into the first sentence.
     title: str = "About {e}"
