@@ -1,13 +1,16 @@
 """DPO train steps on a KC-shaped workload: grouped preference rows against one chosen + one rejected row per pair.
 
 Run: `.venv/bin/python benchmarks/bench_dpo.py [--quick] [--steps 4] [--groups 8] [--rejected 3]
-      [--finetuning lora|full] [--layers 8] [--hidden 512] [--vocab 16000]`
+      [--finetuning lora|full] [--layers 8] [--hidden 512] [--vocab 16000] [--buckets 128,256,512,1024,2048,4096]`
 
 Workload: `--groups` questions per step, each with one chosen and `--rejected` rejected answers (KnowTuning's KC
 set: completeness, factuality, logicality), question ~8 words (the alpaca prompt ~30 tokens with this word-level
 tokenizer), answers 80-150 tokens; reference log-probs stored, as kt-jax trains. Both layouts come from the real
 loader (`kt_jax.data.loader.make_dataset`, `group_preferences` on / off) over the same records and hold the same
-pairs per step (per-pair batch size = groups x rejected), so the step time ratio is the pair throughput ratio.
+pairs per step (per-pair batch size = groups x rejected), so the step time ratio is the pair throughput ratio;
+their timed steps alternate (per-pair, grouped, per-pair, ...), so a job sharing the cores slows both alike.
+Row lengths follow `data.buckets` (default: `DataConfig`'s, which the shipped configs use): per-pair rows the bucket
+of the longest pair, grouped rows the bucket of the longest question, several questions to a row where they fit.
 Model: a random ~42M-parameter Llama (d=512, 8 layers, SwiGLU 1376, vocab 16k, untied), LoRA r=8 on q,v by default
 (as KnowTuning's DPO); one step = forward + backward + clip + AdamW (`kt_jax.train.steps.make_train_step`), float32.
 The machine's jax and torch float32 2048^3 matmul rates print first: compare numbers only within one run.
@@ -19,8 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,9 +66,9 @@ def kc_records(groups: int, rejected: int, vocab: int, seed: int = 0) -> list:
     return out
 
 
-def step_time(args: argparse.Namespace, grouped: bool) -> dict[str, float]:
-    """Median seconds per train step and the batch's sizes, for one layout."""
-    from common import time_train_steps
+def layout(args: argparse.Namespace, grouped: bool) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """(one train step of this layout, returning its metrics once done; the batch's sizes)."""
+    import jax
     from flax import nnx
 
     from kt_jax.data.batch import Task
@@ -78,7 +84,7 @@ def step_time(args: argparse.Namespace, grouped: bool) -> dict[str, float]:
     recs = kc_records(args.groups, args.rejected, args.vocab)
     pairs = args.groups * args.rejected  # data.batch_size counts pairs in both layouts
     cfg = DataConfig(max_len=args.max_len, batch_size=pairs, shuffle=False, group_preferences=grouped,
-                     group_pairs=args.rejected)
+                     group_pairs=args.rejected, buckets=args.buckets)
     batch = next(iter(make_dataset(recs, WordTokenizer(args.vocab), cfg, task=Task.DPO)))
     model = Llama(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                               num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
@@ -88,12 +94,32 @@ def step_time(args: argparse.Namespace, grouped: bool) -> dict[str, float]:
     tx = make_optimizer(OptimConfig(learning_rate=1e-5), 1000)
     ts = create_state(model, tx)
     step = make_train_step(ts, tx, make_dpo_loss(DPOConfig(sft_weight=0.2), args.chunk))
-    seconds, metrics = time_train_steps(ts, step, to_device(stack_micro([batch]), None), args.steps)
+    micro = to_device(stack_micro([batch]), None)
+
+    def one_step() -> Any:
+        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen, micro)
+        return jax.block_until_ready(metrics)
+
     ids = batch.seq.input_ids if grouped else batch.chosen.input_ids
     pairs = int(np.sum(batch.chosen_seg > 0)) if grouped else int(np.sum(batch.chosen.segment_ids.max(1) > 0))
     shape = f"{ids.shape[0]}x{ids.shape[1]}" if grouped else f"2x{ids.shape[0]}x{ids.shape[1]}"
-    return {"seconds": seconds, "tokens": float(metrics["tokens"]), "padded": ids.size * (2 - grouped),
-            "pairs": pairs, "shape": shape, "loss": float(metrics["loss"])}
+    return one_step, {"padded": ids.size * (2 - grouped), "pairs": pairs, "shape": shape}
+
+
+def step_times(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-pair and grouped results (median s/step, sizes, tokens, loss): the layouts' steps alternate, so other
+    jobs on the cores slow both alike and the ratio holds up (each step compiles on its first call, not timed)."""
+    steps = {grouped: layout(args, grouped) for grouped in (False, True)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    metrics = {grouped: run() for grouped, (run, _) in steps.items()}  # compile
+    for _ in range(args.steps):
+        for grouped, (run, _) in steps.items():
+            t0 = time.perf_counter()
+            metrics[grouped] = run()
+            times[grouped].append(time.perf_counter() - t0)
+    out = [{**info, "seconds": float(np.median(times[g])), "tokens": float(metrics[g]["tokens"]),
+            "loss": float(metrics[g]["loss"])} for g, (_, info) in steps.items()]
+    return out[0], out[1]
 
 
 def main() -> int:
@@ -110,6 +136,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")),
+                   default="128,256,512,1024,2048,4096", help="data.buckets (row lengths), comma-separated")
     args = p.parse_args()
     if args.quick:
         args.steps, args.groups, args.layers, args.hidden, args.ffn, args.heads, args.vocab = 2, 4, 2, 128, 344, 4, 4000
@@ -119,8 +147,9 @@ def main() -> int:
     print(common.matmul_peak().line(), flush=True)
     n_params = args.layers * (4 * args.hidden**2 + 3 * args.hidden * args.ffn) + 2 * args.vocab * args.hidden
     print(f"model ~{n_params / 1e6:.1f}M params ({args.finetuning}), {args.groups} questions x {args.rejected} pairs "
-          f"per step, {os.cpu_count()} CPUs, load avg before {load0[0]:.1f}" + (" [--quick]" if args.quick else ""))
-    per_pair, grouped = step_time(args, grouped=False), step_time(args, grouped=True)
+          f"per step, max_len {args.max_len}, buckets {list(args.buckets)}, {os.cpu_count()} CPUs, load avg before "
+          f"{load0[0]:.1f}" + (" [--quick]" if args.quick else ""))
+    per_pair, grouped = step_times(args)
     print("| layout | rows x T | pairs/step | tokens/step (real) | tokens/step (padded) | s/step | pairs/s | loss |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in (("per-pair (chosen + rejected rows)", per_pair), ("grouped (shared prompt + chosen)", grouped)):
