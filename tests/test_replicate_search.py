@@ -72,3 +72,20 @@ def test_search_candidates_apply_to_their_own_section() -> None:
         load_config(PipelineConfig, CI, ["world.valid_fraction=0.2", "search.candidates=[{sft.optim.lr: 0.1}]"])
     with pytest.raises(ConfigError, match=r"dotted key under sft\. or dpo\."):
         SearchConfig(candidates=({"eval.bertscore": True},)).validate()
+
+
+def test_a_stage_rerun_under_a_new_key_never_resumes_old_checkpoints(tmp_path) -> None:
+    from kt_jax.workflow.stages import fresh_stage_dir
+
+    out = tmp_path / "train" / "sft@0"
+    fresh_stage_dir(out, "key-a")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "latest").write_text("7")
+    fresh_stage_dir(out, "key-a")  # the same stage killed and resumed: its checkpoints stay
+    assert (out / "checkpoints" / "latest").read_text() == "7"
+    fresh_stage_dir(out, "key-b")  # new settings or a new upstream model: start over
+    assert not (out / "checkpoints").exists() and (out / "stage.key").read_text().strip() == "key-b"
+    (out / "checkpoints").mkdir()
+    (out / "stage.key").unlink()  # a directory from before stage keys were recorded is not trusted either
+    fresh_stage_dir(out, "key-b")
+    assert not (out / "checkpoints").exists()

@@ -180,8 +180,13 @@ class Pipeline:
         outputs = [out / "export" / "config.json"]
         if stage.finetuning == "lora":
             outputs.append(out / "export" / "adapter" / "adapter_config.json")
-        # A killed stage resumes from the latest checkpoint inside train/<name>.
-        self.stages.run(name, lambda: {**_brief(run_training(job, mesh=self.mesh_())), "start": how},
+        def train() -> dict[str, Any]:
+            # A killed stage resumes from the latest checkpoint inside train/<name>; checkpoints left by the stage
+            # under other settings or inputs (its key changed) are removed first, never resumed.
+            fresh_stage_dir(out, self.stages.keys[name])
+            return {**_brief(run_training(job, mesh=self.mesh_())), "start": how}
+
+        self.stages.run(name, train,
                         settings={"tune": stage, "kind": kind, "init": start or self.source, "start": how},
                         upstream=[start or self.source, *upstream], outputs=outputs)
         return str(out / "export")
@@ -297,6 +302,22 @@ class Pipeline:
                          search=search_table(self.dir))
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
+
+
+def fresh_stage_dir(out: Path, key: str) -> None:
+    """Empty `out` unless it was written under stage key `key` (then a killed stage resumes from it); record `key`."""
+    import shutil
+
+    from kt_jax.distributed import sync
+
+    marker = out / "stage.key"
+    stale = out.exists() and (not marker.exists() or marker.read_text().strip() != key)
+    if stale and is_main_process():
+        shutil.rmtree(out)
+    sync(f"fresh-{out.name}-{key[:12]}")
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        marker.write_text(key + "\n")
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
