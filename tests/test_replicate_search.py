@@ -74,18 +74,34 @@ def test_search_candidates_apply_to_their_own_section() -> None:
         SearchConfig(candidates=({"eval.bertscore": True},)).validate()
 
 
-def test_a_stage_rerun_under_a_new_key_never_resumes_old_checkpoints(tmp_path) -> None:
-    from kt_jax.workflow.stages import fresh_stage_dir
+def test_a_stage_rerun_under_a_new_key_never_resumes_old_scratch(tmp_path) -> None:
+    from kt_jax.workflow.resume import Stages
 
     out = tmp_path / "train" / "sft@0"
-    fresh_stage_dir(out, "key-a")
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "latest").write_text("7")
-    fresh_stage_dir(out, "key-a")  # the same stage killed and resumed: its checkpoints stay
-    assert (out / "checkpoints" / "latest").read_text() == "7"
-    fresh_stage_dir(out, "key-b")  # new settings or a new upstream model: start over
-    assert not (out / "checkpoints").exists() and (out / "stage.key").read_text().strip() == "key-b"
-    (out / "checkpoints").mkdir()
-    (out / "stage.key").unlink()  # a directory from before stage keys were recorded is not trusted either
-    fresh_stage_dir(out, "key-b")
-    assert not (out / "checkpoints").exists()
+    seen = []
+
+    def train(fail: bool = False):
+        def fn():
+            seen.append((out / "checkpoints" / "latest").read_text() if (out / "checkpoints").exists() else None)
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (out / "checkpoints" / "latest").write_text(str(len(seen)))
+            if fail:
+                raise KeyboardInterrupt  # killed mid-stage
+            (out / "export").mkdir(exist_ok=True)
+            (out / "export" / "config.json").write_text("{}")
+            return {}
+        return fn
+
+    def run(lr: float, fail: bool = False) -> None:
+        stages = Stages(tmp_path)
+        stages.run("sft@0", train(fail), settings={"lr": lr}, outputs=[out / "export" / "config.json"],
+                   scratch=[out])
+
+    with pytest.raises(KeyboardInterrupt):
+        run(1e-3, fail=True)
+    run(1e-3)  # killed and restarted under the same key: resumes from its checkpoint
+    assert seen == [None, "1"]
+    run(1e-3)  # finished: skipped
+    assert len(seen) == 2
+    run(3e-4)  # new settings, same directory: the old checkpoints are deleted, not resumed
+    assert seen == [None, "1", None]

@@ -71,6 +71,26 @@ class Stages:
                             "upstream": {u: self.keys[u] for u in upstream},
                             "external": {str(p): fingerprint(p) for p in external}})
 
+    def _clear_stale(self, name: str, key: str, paths: Sequence[Path]) -> None:
+        """Delete `paths` unless stage `name` last started under `key`; then record that it starts under `key`."""
+        import shutil
+
+        from kt_jax.distributed import is_main_process, sync
+
+        started = self.run_dir / "stages" / f"{name}.started"
+        if started.exists() and started.read_text().strip() == key:
+            return
+        if is_main_process():
+            for path in paths:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                    log.info("stage %s: removed %s (written under other settings or inputs)", name, path)
+            started.parent.mkdir(parents=True, exist_ok=True)
+            started.write_text(key + "\n")
+        sync(f"stage-{name}-{key[:12]}")
+
     def record(self, name: str) -> dict[str, Any] | None:
         """The finished record of stage `name`, if any."""
         marker = self.run_dir / "stages" / f"{name}.json"
@@ -78,8 +98,14 @@ class Stages:
 
     def run(self, name: str, fn: Callable[[], dict[str, Any] | None], *, settings: Any,
             upstream: Sequence[str] = (), external: Sequence[str | Path] = (),
-            outputs: Sequence[str | Path] = ()) -> StageResult:
-        """Run `fn` unless stage `name` finished before with the same key and its outputs all exist."""
+            outputs: Sequence[str | Path] = (), scratch: Sequence[str | Path] = ()) -> StageResult:
+        """Run `fn` unless stage `name` finished before with the same key and its outputs all exist.
+
+        `scratch`: files and directories the stage resumes from (checkpoints, partly written predictions, scored
+        facts). The library stamps them with paths, and a path (a model directory) can hold other contents under a
+        new key; so when the stage starts under a key other than the one it last started under, they and the
+        outputs are deleted first. A stage killed and restarted under the same key resumes from them.
+        """
         key = self.key(name, settings, upstream, external)
         self.keys[name] = key
         marker = self.run_dir / "stages" / f"{name}.json"
@@ -92,6 +118,7 @@ class Stages:
                 log.info("stage %s: up to date, skipped", name)
                 return result
             marker.unlink()
+        self._clear_stale(name, key, [*outs, *(Path(p) for p in scratch)])
         start = time.perf_counter()
         summary = fn() or {}
         missing = [str(o) for o in outs if not o.exists()]

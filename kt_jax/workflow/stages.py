@@ -26,6 +26,9 @@ from kt_jax.workflow.report import write_report
 from kt_jax.workflow.resume import Stages
 from kt_jax.workflow.search import search_table
 
+# what the knowledge stage resumes from (its backend cache, knowledge_cache.sqlite3, is content-keyed and stays)
+KNOWLEDGE_SCRATCH = ("facts.jsonl", "scored.jsonl", "scored.meta.json", "ka.json", "kc.json", "summary_all.json",
+                     "rejects_extract.jsonl", "rejects_augment.jsonl", "rejects_compare.jsonl")
 _NO_PATHS = {"knowledge": dict(data="", out="", model="", tokenizer=""),
              "generate": dict(model="", data="", out="", tokenizer="")}
 
@@ -123,7 +126,8 @@ class Pipeline:
         self.stages.run("knowledge", lambda: _brief(build_knowledge(kcfg, mesh=self.mesh_(), dtype=dtype)),
                         settings={"knowledge": _settings(dataclasses.replace(kcfg, backend_options=k.backend_options)),
                                   "dtype": dtype}, upstream=[self.source],
-                        outputs=[out / "ka.jsonl", out / "kc.jsonl"])
+                        outputs=[out / "ka.jsonl", out / "kc.jsonl"],
+                        scratch=[out / n for n in KNOWLEDGE_SCRATCH])  # never the backend's cache of paid calls
 
     def reference(self, name: str = "reference", pairs: str = "kc", upstream: str = "knowledge") -> str:
         """knowledge/<pairs>_ref.jsonl: the pairs + reference log-probs under the BASE model (the original's
@@ -149,7 +153,7 @@ class Pipeline:
             return {"pairs": len(done), "dtype": spec.dtype}
 
         self.stages.run(name, run, settings=dataclasses.replace(spec, model=""), upstream=[upstream, self.source],
-                        outputs=[out])
+                        outputs=[out], scratch=[out.with_name(out.name + ".stamp.json")])
         return str(out)
 
     # -- training ------------------------------------------------------------------------------------------
@@ -180,13 +184,9 @@ class Pipeline:
         outputs = [out / "export" / "config.json"]
         if stage.finetuning == "lora":
             outputs.append(out / "export" / "adapter" / "adapter_config.json")
-        def train() -> dict[str, Any]:
-            # A killed stage resumes from the latest checkpoint inside train/<name>; checkpoints left by the stage
-            # under other settings or inputs (its key changed) are removed first, never resumed.
-            fresh_stage_dir(out, self.stages.keys[name])
-            return {**_brief(run_training(job, mesh=self.mesh_())), "start": how}
-
-        self.stages.run(name, train,
+        # A killed stage resumes from the latest checkpoint inside train/<name> (scratch: removed, never resumed,
+        # when the stage's key changed).
+        self.stages.run(name, lambda: {**_brief(run_training(job, mesh=self.mesh_())), "start": how}, scratch=[out],
                         settings={"tune": stage, "kind": kind, "init": start or self.source, "start": how},
                         upstream=[start or self.source, *upstream], outputs=outputs)
         return str(out / "export")
@@ -243,7 +243,7 @@ class Pipeline:
         stage = f"generate_{name}" if split == "test" else f"{split}_{name}"
         self.stages.run(stage, lambda: _brief(generate_file(gcfg, mesh=self.mesh_())),
                         settings=_settings(gcfg), upstream=upstream or [self.chosen.get(name, name), self.source],
-                        outputs=[out / "predictions.jsonl"])
+                        outputs=[out / "predictions.jsonl"], scratch=[out])
         return str(out / "predictions.jsonl")
 
     def evaluate(self, predictions: dict[str, str]) -> dict[str, Any]:
@@ -302,22 +302,6 @@ class Pipeline:
                          search=search_table(self.dir))
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
-
-
-def fresh_stage_dir(out: Path, key: str) -> None:
-    """Empty `out` unless it was written under stage key `key` (then a killed stage resumes from it); record `key`."""
-    import shutil
-
-    from kt_jax.distributed import sync
-
-    marker = out / "stage.key"
-    stale = out.exists() and (not marker.exists() or marker.read_text().strip() != key)
-    if stale and is_main_process():
-        shutil.rmtree(out)
-    sync(f"fresh-{out.name}-{key[:12]}")
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        marker.write_text(key + "\n")
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:

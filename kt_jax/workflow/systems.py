@@ -61,7 +61,8 @@ def sample_answers(pipe: Pipeline, sft_model: str) -> Path:
         return {"questions": len(rows), "k": k}
 
     pipe.stages.run("samples", run, settings={"k": k, "generate": dataclasses.replace(base, model="", data="")},
-                    upstream=[pipe.chosen.get("sft", "sft"), pipe.source], outputs=[out / "samples.jsonl"])
+                    upstream=[pipe.chosen.get("sft", "sft"), pipe.source], outputs=[out / "samples.jsonl"],
+                    scratch=[out])
     return out / "samples.jsonl"
 
 

@@ -78,7 +78,7 @@ def regenerate(pipe: Pipeline, model: str) -> list[str]:
                               tokenizer=pipe.tokenizer, template=pipe.cfg.sft.data.template, limit=DETERMINISM_ROWS)
     pipe.stages.run("determinism", lambda: {"rows": generate_file(cfg, mesh=pipe.mesh_()).get("rows")},
                     settings={"rows": DETERMINISM_ROWS}, upstream=["generate_sft"],
-                    outputs=[out / "predictions.jsonl"])
+                    outputs=[out / "predictions.jsonl"], scratch=[out])
     return [r["prediction"] for r in read_rows(out / "predictions.jsonl")]
 
 
