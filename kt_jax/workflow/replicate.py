@@ -61,8 +61,12 @@ def combine(root: Path, per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     from kt_jax.eval.statistics import aggregate_seeds
     from kt_jax.workflow.world_checks import differences
 
-    metrics = {s: {name: {m: v for m, v in values.items() if m in METRICS and isinstance(v, int | float)}
+    numbers = {s: {name: {m: v for m, v in values.items() if m in METRICS and isinstance(v, int | float)}
                    for name, values in summary["metrics"].items()} for s, summary in per_seed.items()}
+    first = next(iter(numbers.values()))
+    common = {name: [m for m in first[name] if all(m in numbers[s].get(name, {}) for s in numbers)]
+              for name in first if all(name in v for v in numbers.values())}  # drops a metric one seed lacks
+    metrics = {s: {name: {m: v[name][m] for m in keys} for name, keys in common.items()} for s, v in numbers.items()}
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in per_seed:
         world = json.loads((root / f"seed{seed}" / "eval" / "world_metrics.json").read_text())
