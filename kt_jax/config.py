@@ -98,7 +98,8 @@ OVERRIDE_HELP = (
 )
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, replace: bool = False) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, replace: bool = False) -> None:
+    """Set `tree[a][b]...` for the dotted key "a.b..." (a mapping value merges into a mapping unless `replace`)."""
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -132,7 +133,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
     out = copy.deepcopy(data)
     for item in overrides:
         key, value, replace = split_override(item)
-        _set_dotted(out, key, value, replace=replace)
+        set_dotted(out, key, value, replace=replace)
     return out
 
 

@@ -43,21 +43,14 @@ class SearchConfig:
 
     def section_configs(self, section: str, base: Any) -> list[Any]:
         """Each candidate's version of TuneConfig `base` for `section` ("sft" or "dpo"), in candidate order."""
-        from kt_jax.config import deep_merge, from_dict, to_dict
+        from kt_jax.config import from_dict, set_dotted, to_dict
 
         out = []
         for i, cand in enumerate(self.candidates):
-            tree: dict[str, Any] = {}
-            for key, value in cand.items():
-                head, _, rest = key.partition(".")
-                if head != section:
-                    continue
-                node = tree
-                *parents, leaf = rest.split(".")
-                for p in parents:
-                    node = node.setdefault(p, {})
-                node[leaf] = value
-            out.append(from_dict(type(base), deep_merge(to_dict(base), tree), f"search.candidates[{i}]"))
+            tree = to_dict(base)
+            for key, value in _own(cand, section).items():
+                set_dotted(tree, key.partition(".")[2], value)
+            out.append(from_dict(type(base), tree, f"search.candidates[{i}]"))
         return out
 
 
