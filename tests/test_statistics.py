@@ -114,3 +114,24 @@ def test_forest_plot_writes_a_png(tmp_path):
     assert img.shape[1] > img.shape[0] > 100  # two panels side by side
     with pytest.raises(DataError):
         forest_plot({}, tmp_path / "empty.png")
+
+
+def test_resampling_whole_entities_widens_the_interval_by_the_entity_effect():
+    rng = np.random.default_rng(5)
+    entities, per = 200, 10
+    labels = np.repeat(np.arange(entities), per)
+    effect = rng.normal(0.0, 0.5, entities)  # the system's gain varies by entity, shared by its questions
+    base = rng.uniform(0, 1, entities * per)
+    system = base + 0.1 + effect[labels] + rng.normal(0.0, 0.05, entities * per)
+    plain = paired_bootstrap(system, base, seed=2)
+    grouped = paired_bootstrap(system, base, seed=2, clusters=[f"e{i}" for i in labels])
+    assert grouped["mean"] == pytest.approx(plain["mean"], abs=1e-12)
+    # entity means have sd ~ sqrt(0.5^2 + 0.05^2 / 10): the textbook half-width over 200 entities
+    half = (grouped["ci_high"] - grouped["ci_low"]) / 2
+    assert half == pytest.approx(1.96 * math.sqrt(0.25 + 0.0025 / per) / math.sqrt(entities), rel=0.12)
+    assert half > 2.5 * (plain["ci_high"] - plain["ci_low"]) / 2
+    # one question per cluster is the plain bootstrap (same width up to resampling noise)
+    single = paired_bootstrap(system, base, seed=2, clusters=list(range(entities * per)))
+    assert (single["ci_high"] - single["ci_low"]) == pytest.approx(plain["ci_high"] - plain["ci_low"], rel=0.1)
+    with pytest.raises(DataError, match="cluster labels"):
+        paired_bootstrap(system, base, clusters=[0, 1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
@@ -131,3 +132,28 @@ def test_permuted_descriptions_state_the_same_facts_in_other_orders():
             assert (r.completeness, r.factuality) == (1.0, 1.0), text
             orders.add((ent.id, tuple(t.attribute for t in checker.triples(text, ent.id))))
     assert len(orders) > len(world.entities)  # the same entity is described in more than one order
+
+
+def test_held_out_entities_get_more_narrow_questions_from_the_pool():
+    from kt_jax.world.schema import NARROW_QUESTIONS, QUESTION_POOL
+
+    base = dict(seed=3, num_people=20, num_orgs=8, num_places=8, num_artefacts=10, valid_fraction=0.2,
+                narrow_questions=2)
+    world = generate_world(WorldConfig(**base, heldout_narrow_questions=16))
+    qs = splits(world)
+    per_entity = {split: collections.Counter(q.entity_id for q in qs[split]) for split in ("train", "valid", "test")}
+    assert set(per_entity["train"].values()) == {3}  # overview + narrow_questions
+    for split in ("valid", "test"):  # overview + every pool question the entity has the attributes for
+        for eid, n in per_entity[split].items():
+            ent = world.entities[eid]
+            eligible = [a for _, a in QUESTION_POOL[ent.kind] if all(x in ent.facts for x in a)]
+            assert n == 1 + min(16, len(eligible)), (split, eid)
+    # every question asks for attributes the entity has, and the pool keeps the backend's rewrite questions
+    for q in [q for split in qs.values() for q in split]:
+        assert all(a in world.entities[q.entity_id].facts for a in q.attributes)
+    assert all(set(NARROW_QUESTIONS[k]) <= set(QUESTION_POOL[k]) for k in NARROW_QUESTIONS)
+    # the default keeps held-out entities at narrow_questions
+    plain = splits(generate_world(WorldConfig(**base)))
+    assert set(collections.Counter(q.entity_id for q in plain["test"]).values()) <= {3}
+    with pytest.raises(ConfigError, match="heldout_narrow_questions"):
+        WorldConfig(heldout_narrow_questions=99)

@@ -68,10 +68,36 @@ def _masked_mean(x: np.ndarray, idx: np.ndarray | None) -> np.ndarray | float:
         return vals[idx].sum(axis=1) / ok[idx].sum(axis=1)
 
 
+def _cluster_weights(clusters: Sequence[Any], resamples: int, seed: int) -> np.ndarray:
+    """[resamples, n] weights: how often each item's cluster was drawn when whole clusters are resampled."""
+    _, inverse = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    groups = int(inverse.max()) + 1
+    draws = _draws(groups, resamples, seed) + groups * np.arange(resamples)[:, None]
+    counts = np.bincount(draws.ravel(), minlength=resamples * groups).reshape(resamples, groups)
+    return counts[:, inverse].astype(np.float64)
+
+
+def _weighted_mean(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    ok = ~np.isnan(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights * np.where(ok, x, 0.0)).sum(axis=1) / (weights * ok).sum(axis=1)
+
+
 def paired_bootstrap(system: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray, *,
-                     resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> Interval:
-    """Mean of (system - baseline) over paired questions and its percentile bootstrap CI (NaN = undefined)."""
+                     resamples: int = 10_000, seed: int = 0, level: float = 0.95,
+                     clusters: Sequence[Any] | None = None) -> Interval:
+    """Mean of (system - baseline) over paired questions and its percentile bootstrap CI (NaN = undefined).
+
+    With `clusters` (one label per question, e.g. the entity asked about) whole clusters are resampled, which keeps
+    the correlation of questions about one entity in the interval.
+    """
     sys_, base = _paired(system, baseline)
+    if clusters is not None:
+        if len(clusters) != sys_.size:
+            raise DataError(f"paired bootstrap: {len(clusters)} cluster labels for {sys_.size} questions")
+        weights = _cluster_weights(clusters, resamples, seed)
+        point = _masked_mean(sys_, None) - _masked_mean(base, None)
+        return _interval(point, _weighted_mean(sys_, weights) - _weighted_mean(base, weights), level)
     idx = _draws(sys_.size, resamples, seed)
     if not (np.isnan(sys_).any() or np.isnan(base).any()):
         diff = sys_ - base

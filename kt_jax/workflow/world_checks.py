@@ -82,6 +82,18 @@ def regenerate(pipe: Pipeline, model: str) -> list[str]:
     return [r["prediction"] for r in read_rows(out / "predictions.jsonl")]
 
 
+def entity_half_width(system_rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -> float:
+    """Half-width of the completeness-difference CI when whole entities are resampled (questions about one entity
+    are correlated, so this is the honest width; the power check uses the per-question one the issue defines)."""
+    from kt_jax.eval.statistics import paired_bootstrap
+
+    def column(rows: list[dict[str, Any]]) -> list[float]:
+        return [float("nan") if r["completeness"] is None else r["completeness"] for r in rows]
+
+    ci = paired_bootstrap(column(system_rows), column(sft_rows), clusters=[r["entity_id"] for r in sft_rows])
+    return (ci["ci_high"] - ci["ci_low"]) / 2
+
+
 def validity(rows: dict[str, list[dict[str, Any]]], diffs: dict[str, dict[str, Any]], cloze_recall: float,
              sft_answers: list[str], sft_again: list[str]) -> dict[str, dict[str, Any]]:
     """{check: {value, threshold, pass, ...}} for the world instrument, whatever the ranking of the systems."""
@@ -94,7 +106,9 @@ def validity(rows: dict[str, list[dict[str, Any]]], diffs: dict[str, dict[str, A
     out = {"stored": check_stored(cloze_recall), "learned": check_learned(mean("sft"), mean("base"))}
     compared = "knowtuning" if "knowtuning" in diffs else next(iter(diffs), None)
     if compared is not None:
-        out["power"] = {**check_power(len(rows["sft"]), diffs[compared]["completeness"]), "system": compared}
+        out["power"] = {**check_power(len(rows["sft"]), diffs[compared]["completeness"]), "system": compared,
+                        "entities": len({r["entity_id"] for r in rows["sft"]}),
+                        "entity_resampled_half_width": entity_half_width(rows[compared], rows["sft"])}
     out["determinism"] = {**check_determinism(sft_answers[: len(sft_again)], sft_again),
                           "what": f"the SFT model's greedy answers to the first {len(sft_again)} test questions, "
                                   "generated twice in this run"}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kt_jax.errors import ConfigError, DataError
-from kt_jax.world.schema import ENTITY_KINDS, SCHEMA
+from kt_jax.world.schema import ENTITY_KINDS, QUESTION_POOL, SCHEMA
 
 SYLLABLES = (
     "ka", "ven", "dor", "mi", "len", "tas", "mo", "ra", "ol", "rin", "bel", "sa", "thu", "gri", "vo", "nel", "fa",
@@ -47,6 +47,10 @@ class WorldConfig:
     descriptions_per_entity: int = 4  # corpus documents per entity (varied wording)
     permute_descriptions: bool = False  # each description states the facts in a fresh random order
     narrow_questions: int = 1  # narrow questions per entity (besides "Tell me about X.")
+    # narrow questions per validation and test entity (None: narrow_questions); more questions per held-out entity
+    # narrow the test's confidence intervals without a larger corpus (questions of one entity are correlated, so
+    # the report also gives the interval with whole entities resampled)
+    heldout_narrow_questions: int | None = None
     corpus_qa: bool = False  # add the fine-tuning train split's QA pairs to the corpus (the old, leaky regime)
     # first line of each corpus description ("" = none); "About {e}" puts the name in the same token form (after a
     # space) as the question "Tell me about {e}." does, so the model learns to copy it into the first sentence.
@@ -70,8 +74,12 @@ class WorldConfig:
                               f"(sum {self.test_fraction + self.valid_fraction + self.qa_fraction:g} >= 1)")
         if self.descriptions_per_entity < 1:
             raise ConfigError(f"world.descriptions_per_entity={self.descriptions_per_entity}; must be >= 1")
-        if not 0 <= self.narrow_questions <= 3:
-            raise ConfigError(f"world.narrow_questions={self.narrow_questions}; must be in 0..3")
+        most = max(len(pool) for pool in QUESTION_POOL.values())
+        for name in ("narrow_questions", "heldout_narrow_questions"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= most:
+                raise ConfigError(f"world.{name}={value}; must be in 0..{most} (the largest kind's question pool; "
+                                  "an entity gets as many as it has attributes for)")
 
 
 @dataclasses.dataclass

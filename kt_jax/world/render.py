@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kt_jax.world.generator import Entity, World
-from kt_jax.world.schema import NARROW_QUESTIONS, OVERVIEW_QUESTION, SCHEMA, attr_spec
+from kt_jax.world.schema import OVERVIEW_QUESTION, QUESTION_POOL, SCHEMA, attr_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +58,14 @@ def description(world: World, ent: Entity, rng: random.Random) -> str:
                     for a in attrs)
 
 
-def questions_for(world: World, ent: Entity, rng: random.Random) -> list[Question]:
-    """The overview question plus `narrow_questions` narrow ones whose attributes the entity has."""
+def questions_for(world: World, ent: Entity, rng: random.Random, narrow_count: int | None = None) -> list[Question]:
+    """The overview question plus `narrow_count` (default: `narrow_questions`) narrow ones from the kind's pool
+    whose attributes the entity has (all of them when the pool is smaller)."""
     out = [Question(OVERVIEW_QUESTION.format(e=ent.display), ent.id, tuple(a for a, _ in ent.ordered_facts()),
                     "overview")]
-    narrow = [(q, attrs) for q, attrs in NARROW_QUESTIONS[ent.kind] if all(a in ent.facts for a in attrs)]
-    for q, attrs in rng.sample(narrow, min(world.config.narrow_questions, len(narrow))):
+    count = world.config.narrow_questions if narrow_count is None else narrow_count
+    narrow = [(q, attrs) for q, attrs in QUESTION_POOL[ent.kind] if all(a in ent.facts for a in attrs)]
+    for q, attrs in rng.sample(narrow, min(count, len(narrow))):
         order = tuple(s.name for s in SCHEMA[ent.kind] if s.name in attrs)
         out.append(Question(_capitalise(q.format(e=ent.display)), ent.id, order, "narrow"))
     return out
@@ -81,11 +83,14 @@ SPLITS = ("train", "valid", "test")
 def splits(world: World) -> dict[str, list[Question]]:
     """Questions per entity group: train, test, valid (fine-tuning splits) and qa (pretraining only); deterministic.
 
-    Drawn in the order train, test, valid, qa (a world without valid/qa groups keeps its old questions).
+    Drawn in the order train, test, valid, qa; validation and test entities get `heldout_narrow_questions` each.
     """
     rng = random.Random(world.config.seed + 1)
-    groups = (("train", world.train_ids), ("test", world.test_ids), ("valid", world.valid_ids), ("qa", world.qa_ids))
-    return {name: [q for eid in ids for q in questions_for(world, world.entities[eid], rng)] for name, ids in groups}
+    held = world.config.heldout_narrow_questions
+    groups = (("train", world.train_ids, None), ("test", world.test_ids, held), ("valid", world.valid_ids, held),
+              ("qa", world.qa_ids, None))
+    return {name: [q for eid in ids for q in questions_for(world, world.entities[eid], rng, count)]
+            for name, ids, count in groups}
 
 
 def corpus(world: World, questions: dict[str, list[Question]] | None = None) -> list[str]:

@@ -142,6 +142,60 @@ NARROW_QUESTIONS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("Where is {e} kept?", ("kept_at",)),
     ),
 }
+# More narrow questions (one attribute, or another pair) that fill the question pool: held-out entities can be asked
+# many questions each (statistical power) while the knowledge backend's rewrites keep to NARROW_QUESTIONS above.
+EXTRA_NARROW_QUESTIONS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "person": (
+        ("In what year was {e} born?", ("birth_year",)),
+        ("Where was {e} born?", ("birthplace",)),
+        ("Where did {e} study?", ("school",)),
+        ("What was the profession of {e}?", ("profession",)),
+        ("Who did {e} work for?", ("employer",)),
+        ("What did {e} make?", ("creation",)),
+        ("Where did {e} live in later years?", ("residence",)),
+        ("When was {e} born, and when did {e} die?", ("birth_year", "death_year")),
+        ("Where was {e} born, and where did {e} settle later?", ("birthplace", "residence")),
+        ("What was the profession of {e}, and where did {e} study?", ("school", "profession")),
+        ("Who did {e} work for, and what did {e} make?", ("employer", "creation")),
+        ("When did {e} die, and where did {e} live in later years?", ("residence", "death_year")),
+        ("In what year was {e} born, and what was the profession of {e}?", ("birth_year", "profession")),
+    ),
+    "org": (
+        ("When was {e} founded?", ("founded_year",)),
+        ("Who founded {e}?", ("founder",)),
+        ("Where is {e} based?", ("seat",)),
+        ("What does {e} trade in?", ("sector",)),
+        ("Who is the rival of {e}?", ("rival",)),
+        ("When was {e} dissolved?", ("dissolved_year",)),
+        ("When was {e} founded, and when was it dissolved?", ("founded_year", "dissolved_year")),
+        ("Who founded {e}, and where is it based?", ("founder", "seat")),
+        ("What does {e} trade in, and who is its rival?", ("sector", "rival")),
+        ("When was {e} founded, and how many members does it have?", ("founded_year", "members")),
+    ),
+    "place": (
+        ("In which region does {e} lie?", ("region",)),
+        ("On which river does {e} stand?", ("river",)),
+        ("What is {e} known for?", ("famous_for",)),
+        ("How many people live in {e}?", ("population",)),
+        ("Which town is {e} twinned with?", ("twin",)),
+        ("When was {e} founded, and where does it lie?", ("founded_year", "region")),
+        ("When was {e} founded, and what is it known for?", ("founded_year", "famous_for")),
+        ("On which river does {e} stand, and which town is it twinned with?", ("river", "twin")),
+        ("How many people live in {e}, and in which region does it lie?", ("region", "population")),
+    ),
+    "artefact": (
+        ("When was {e} made?", ("made_year",)),
+        ("Who made {e}?", ("maker",)),
+        ("What is {e} made of?", ("material",)),
+        ("How heavy is {e}?", ("weight",)),
+        ("When was {e} stolen?", ("stolen_year",)),
+        ("Who made {e}, and where is it kept?", ("maker", "kept_at")),
+        ("When was {e} made, and what is it made of?", ("made_year", "material")),
+        ("Where is {e} kept, and how heavy is it?", ("weight", "kept_at")),
+        ("Who made {e}, and when was it stolen?", ("maker", "stolen_year")),
+    ),
+}
+QUESTION_POOL = {kind: NARROW_QUESTIONS[kind] + EXTRA_NARROW_QUESTIONS[kind] for kind in NARROW_QUESTIONS}
 OVERVIEW_QUESTION = "Tell me about {e}."
 
 
