@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"kt-jax {command}", description=COMMANDS[command][1])
     module.add_arguments(sub)
     sub_args = sub.parse_args(argv[1:])
+    if command != "plan":  # plan compiles abstractly and prints; nothing it builds is worth keeping
+        from kt_jax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
     try:
         return int(module.run(sub_args) or 0)
     except KtJaxError as e:
