@@ -325,3 +325,23 @@ def plan_run(cfg: Any, mesh: Any, accelerator: str, model_config: str | None = N
     scoring = plan_scoring(hf, cfg.knowledge.max_len, cfg.sft.train.compute_dtype, mesh, name)
     return Plan(name, config_from_hf(hf, name).num_params(), {"sft": sft_trained, "dpo": dpo_trained},
                 dict(mesh.shape), mesh.devices.flat[0].platform, ACCELERATORS[accelerator], (sft, dpo, scoring))
+
+
+def measured_matmul_gflops(n: int = 2048, reps: int = 3) -> float:
+    """This machine's float32 n x n x n matmul rate with jax on the default device (GFLOP/s, best of `reps`).
+
+    Runs print it so a reader can scale a wall time to another machine (the benchmarks print the same number).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9

@@ -8,6 +8,7 @@ run with `TrainingDiverged`, naming the step and the last good checkpoint.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -113,10 +114,13 @@ def train(
     last: dict[str, float] = {}
     last_good = resumed_from
     tokens_total, t_start = 0.0, time.perf_counter()
-    t_prev, tok_window = t_start, 0.0
+    # (fetch time, tokens) of recent steps: metrics arrive in bursts of up to max_in_flight steps, so the rate is
+    # taken over a window longer than a burst, not between two fetches microseconds apart
+    recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=2 * max(cfg.max_in_flight, 1) + 2)
+    recent.append((t_start, 0.0))
 
     def fetch_one(item: tuple[int, Any]) -> None:
-        nonlocal last, tokens_total, t_prev, tok_window
+        nonlocal last, tokens_total
         step, metrics = item
         m = _host_metrics(metrics)
         if m.get("nonfinite", 0.0) > 0 or not np.isfinite(m.get("loss", 0.0)):
@@ -125,15 +129,14 @@ def train(
             raise TrainingDiverged(f"non-finite loss ({m.get('loss')}) or grad norm ({m.get('grad_norm')}) at step "
                                    f"{step}; training stopped, last good checkpoint: {where}")
         tokens_total += m.get("tokens", 0.0)
-        tok_window += m.get("tokens", 0.0)
         now = time.perf_counter()
-        m["tokens_per_s"] = tok_window / max(now - t_prev, 1e-9)
+        recent.append((now, m.get("tokens", 0.0)))
+        m["tokens_per_s"] = sum(t for _, t in list(recent)[1:]) / max(now - recent[0][0], 1e-9)
         if lr_fn is not None:
             m["lr"] = float(lr_fn(step - 1))
         last = m
         if step % cfg.log_every == 0 or step == total_steps:
             log.write(step, m)
-            t_prev, tok_window = now, 0.0
         if bar is not None:
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
             bar.update(1)

@@ -49,7 +49,8 @@ def run_seeds(cfg: PipelineConfig, mesh: Any = None) -> dict[str, Any]:
         per_seed[seed] = pipe.run()
         mesh = pipe.mesh
     summary = {"run_dir": str(root), "report": str(root / "report.md"), "seeds": list(cfg.seeds),
-               "seconds": time.perf_counter() - start, **combine(root, per_seed)}
+               "seconds": time.perf_counter() - start, "machine": per_seed[cfg.seeds[0]].get("machine"),
+               **combine(root, per_seed)}
     if is_main_process():
         write_replicate_report(root / "report.md", cfg.name, summary)
         (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -88,10 +89,13 @@ def _pm(agg: dict[str, Any]) -> str:
 def write_replicate_report(path: Path, name: str, summary: dict[str, Any]) -> Path:
     """report.md of a multi-seed run."""
     from kt_jax.workflow.config import SYSTEM_LABELS
+    from kt_jax.workflow.report import timing_line
 
     seeds = summary["seeds"]
     lines = [f"# KnowTuning replicate: {name} (seeds {', '.join(map(str, seeds))})", "",
              "Each seed is a whole run (world, base model, knowledge, training): `seed<s>/report.md`.", "",
+             *([timing_line({**summary["machine"], "seconds": summary["seconds"]}), ""] if summary.get("machine")
+               else []),
              "## Validity of the instrument, per seed", "",
              "| check | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     checks = list(dict.fromkeys(c for v in summary["validity"].values() for c in v))

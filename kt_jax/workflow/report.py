@@ -57,14 +57,22 @@ def _search(searched: list[dict[str, Any]], labels: dict[str, str]) -> list[str]
     return [*lines, ""]
 
 
+def timing_line(timing: dict[str, Any]) -> str:
+    """How long the run took (stages skipped as up to date take no time) and the machine's measured matmul rate."""
+    return (f"This invocation took {timing['seconds']:.0f} s on {timing['backend']}, whose jax float32 2048^3 matmul "
+            f"measured {timing['matmul_gflops']:.0f} GFLOP/s at the start (scale by that rate to compare machines).")
+
+
 def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[str, float]],
                  probe: dict[str, Any] | None, labels: dict[str, str], *,
                  validity: dict[str, dict[str, Any]] | None = None,
                  differences: dict[str, dict[str, Any]] | None = None,
-                 search: list[dict[str, Any]] | None = None) -> Path:
+                 search: list[dict[str, Any]] | None = None, timing: dict[str, Any] | None = None) -> Path:
     """Write the run's report.md to `path`; returns it."""
     keys = [k for k in COLUMNS if any(k in m for m in metrics.values())]
     lines = [f"# KnowTuning run: {name}", "", f"Run directory: `{run_dir}`; detailed evaluation: `eval/report.md`.", ""]
+    if timing:
+        lines += [timing_line(timing), ""]
     if validity:
         lines += _validity(validity)
     if probe and "probe" in probe:

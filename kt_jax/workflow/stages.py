@@ -277,7 +277,10 @@ class Pipeline:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
+        from kt_jax.plan import measured_matmul_gflops
+
         start = time.perf_counter()
+        machine = {"matmul_gflops": round(measured_matmul_gflops(), 1), "backend": jax_backend()}
         save_config(self.cfg, self.dir / "config.yaml")
         if self.source == "pretrain":
             self.world()
@@ -294,14 +297,22 @@ class Pipeline:
         report = self.dir / "report.md"
         summary = {"run_dir": str(self.dir), "report": str(report), "seconds": time.perf_counter() - start,
                    "stages": [{"name": r.name, "skipped": r.skipped, "seconds": round(r.seconds, 1)}
-                              for r in self.stages.results], "chosen": dict(self.chosen), **evaluated}
+                              for r in self.stages.results], "chosen": dict(self.chosen), "machine": machine,
+                   **evaluated}
         if is_main_process():  # stage outputs exist on every worker's disk; the report and summary on process 0
             probe = getattr(self, "base_summary", None) or (self.stages.record("pretrain") or {}).get("summary")
             write_report(report, self.cfg.name, self.dir, metrics, probe, SYSTEM_LABELS,
                          validity=evaluated.get("validity"), differences=evaluated.get("differences"),
-                         search=search_table(self.dir))
+                         search=search_table(self.dir), timing={**machine, "seconds": summary["seconds"]})
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
+
+
+def jax_backend() -> str:
+    """The default backend and device count, e.g. "cpu x 1"."""
+    import jax
+
+    return f"{jax.default_backend()} x {jax.device_count()}"
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
