@@ -1,0 +1,125 @@
+"""Fact scoring end to end, whole processes: `kt-jax score` against the HF PyTorch per-fact reference (CPU).
+
+Run: `.venv/bin/python benchmarks/bench_score_e2e.py [--questions 200] [--reps 3]`
+
+What a user waits for: each side is a fresh Python process that imports its framework, loads the model and the
+tokenizer, reads facts.jsonl, scores every fact given its question and writes scored.jsonl.
+- HF: `benchmarks/hf_score_reference.py` (LlamaForCausalLM with SDPA, per-fact sequences sorted by length and
+  right-padded, batch 16).
+- kt-jax: `python -m kt_jax.cli score` with its defaults (prompt once per question, facts as sibling segments).
+  "cold" runs with an empty compilation cache (a first run on a new machine), "warm" with the cache the cold run
+  filled (every later run: kt-jax enables JAX's persistent compilation cache).
+Workload: the held-out Dolly questions (../shared/data/knowtuning/dolly_valid.json; synthetic Dolly-like text when
+absent), answers split into sentences as facts; a random ~42M-parameter Llama (8 x 512, vocabulary 16,000, a BPE
+trained on the data). Both outputs must give the same perplexities (max relative difference printed). Reported:
+median wall seconds over --reps runs each (runs interleaved), and the ratio HF / kt-jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from bench_scoring import _SENTENCE, load_items  # noqa: E402
+
+VALID = ROOT.parent / "shared" / "data" / "knowtuning" / "dolly_valid.json"
+LLAMA_42M = dict(common.BENCH_LLAMA_60M, vocab_size=16000, intermediate_size=1376)
+
+
+def held_out_items(n: int) -> tuple[list[dict], list[str], str]:
+    """facts.jsonl rows (question, input, facts), tokenizer training texts, and where they came from."""
+    if VALID.is_file():
+        rows = json.loads(VALID.read_text(encoding="utf-8"))[:n]
+        out = [{"question": r["instruction"], "input": r.get("input", ""),
+                "facts": [s.strip() for s in _SENTENCE.split(r["output"].strip()) if s.strip()]} for r in rows]
+        texts = [r["instruction"] + "\n" + r.get("input", "") + "\n" + r["output"] for r in rows]
+        _, train_texts, _ = load_items(1)  # the tokenizer also learns from the train file when present
+        return out, texts + train_texts, f"dolly_valid.json, first {len(out)} questions"
+    items, texts, source = load_items(n)
+    return [{"question": q, "facts": f} for q, f in items], texts, source
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one process (its output is kept only when it fails)."""
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return seconds
+
+
+def read_ppl(path: Path) -> np.ndarray:
+    """Every fact's perplexity from a scored file, in input order (NaN where null)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return np.array([np.nan if p is None else p for r in rows for p in r["ppl"]], float)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--hf-batch", type=int, default=16)
+    args = parser.parse_args()
+
+    from kt_jax.data.tokenizer import train_bpe_tokenizer
+
+    print(f"machine at start: {common.machine_load()}")
+    print(common.matmul_peak().line())
+    rows, texts, source = held_out_items(args.questions)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = common.make_hf_llama(tmp / "llama42m", seed=0, scale=0.02, **LLAMA_42M)
+        train_bpe_tokenizer(texts, LLAMA_42M["vocab_size"], model_dir)
+        facts = tmp / "facts.jsonl"
+        facts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"data: {source}; {sum(len(r['facts']) for r in rows)} facts; model "
+              f"{common.llama_dims(LLAMA_42M)}")
+        env = {**os.environ, "KT_JAX_COMPILE_CACHE": str(tmp / "jax-cache")}
+        hf_out, kt_out = tmp / "hf.jsonl", tmp / "kt.jsonl"
+        hf_cmd = [sys.executable, "benchmarks/hf_score_reference.py", "--model", str(model_dir), "--input",
+                  str(facts), "--output", str(hf_out), "--batch", str(args.hf_batch)]
+        kt_cmd = [sys.executable, "-m", "kt_jax.cli", "score", "--model", str(model_dir), "--input", str(facts),
+                  "--output", str(kt_out)]
+        times: dict[str, list[float]] = {"hf": [], "cold": [], "warm": []}
+        for rep in range(args.reps):
+            times["hf"].append(timed(hf_cmd, env))
+            for kind in (("cold", "warm") if rep == 0 else ("warm",)):
+                for stale in (kt_out, kt_out.with_name(kt_out.stem + ".config.json")):
+                    stale.unlink(missing_ok=True)
+                times[kind].append(timed(kt_cmd, env))
+            print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if len(v) > rep))
+        ref, got = read_ppl(hf_out), read_ppl(kt_out)
+        both = np.isfinite(ref) & np.isfinite(got)
+        rel = float(np.max(np.abs(got[both] - ref[both]) / ref[both]))
+        nan_mismatch = int(np.sum(np.isfinite(ref) != np.isfinite(got)))
+    hf = statistics.median(times["hf"])
+    table = [["HF PyTorch per fact (hf_score_reference.py)", len(times["hf"]), f"{hf:.1f}", "1.00x"]]
+    for kind in ("cold", "warm"):
+        med = statistics.median(times[kind])
+        table.append([f"kt-jax score, {kind} compile cache", len(times[kind]), f"{med:.1f}", f"{hf / med:.2f}x"])
+    print()
+    common.print_table(["process", "runs", "median wall s", "speedup vs HF"], table)
+    print(f"\nmax relative ppl difference kt-jax vs HF: {rel:.1e} ({nan_mismatch} facts null on one side only)")
+    print(f"machine at end: {common.machine_load()}")
+    warm = hf / statistics.median(times["warm"])
+    print(f"end-to-end kt-jax score vs HF (warm cache; goal 3x): {warm:.2f}x")
+    return 0 if nan_mismatch == 0 and rel < 1e-3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
