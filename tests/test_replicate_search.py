@@ -11,7 +11,7 @@ from kt_jax.config import load_config
 from kt_jax.errors import ConfigError
 from kt_jax.workflow.config import PipelineConfig
 from kt_jax.workflow.replicate import combine, seed_config, write_replicate_report
-from kt_jax.workflow.search import SearchConfig
+from kt_jax.workflow.search import SearchConfig, search_table
 
 CI = "configs/world-ci.yaml"
 
@@ -105,3 +105,11 @@ def test_a_stage_rerun_under_a_new_key_never_resumes_old_scratch(tmp_path) -> No
     assert len(seen) == 2
     run(3e-4)  # new settings, same directory: the old checkpoints are deleted, not resumed
     assert seen == [None, "1", None]
+
+
+def test_the_report_reads_only_this_invocations_searches(tmp_path) -> None:
+    (tmp_path / "search").mkdir()
+    for name in ("ka", "sft"):
+        (tmp_path / "search" / f"{name}.json").write_text(json.dumps({"system": name, "chosen": 0, "candidates": []}))
+    assert [t["system"] for t in search_table(tmp_path, {"sft": "sft@1"})] == ["sft"]
+    assert search_table(tmp_path, {}) == []  # a rerun without candidates shows no stale search table

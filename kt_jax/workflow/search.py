@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from kt_jax.errors import ConfigError
@@ -99,8 +100,10 @@ def validation_scores(pipe: Pipeline, stage: str, model: str) -> dict[str, float
     return {m: float(summaries[stage][m]) for m in METRICS if m in summaries[stage]}
 
 
-def search_table(run_dir: Any) -> list[dict[str, Any]]:
-    """Every searched system's candidates and validation scores (search/*.json), for the report."""
+def search_table(run_dir: Any, searched: Iterable[str]) -> list[dict[str, Any]]:
+    """The candidates and validation scores of the systems `searched` in this invocation (search/<system>.json), for
+    the report; files left by earlier invocations with other systems or candidates are not read."""
     from pathlib import Path
 
-    return [json.loads(p.read_text()) for p in sorted(Path(run_dir, "search").glob("*.json"))]
+    paths = [Path(run_dir, "search", f"{name}.json") for name in sorted(set(searched))]
+    return [json.loads(p.read_text()) for p in paths if p.is_file()]

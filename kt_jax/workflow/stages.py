@@ -303,7 +303,7 @@ class Pipeline:
             probe = getattr(self, "base_summary", None) or (self.stages.record("pretrain") or {}).get("summary")
             write_report(report, self.cfg.name, self.dir, metrics, probe, SYSTEM_LABELS,
                          validity=evaluated.get("validity"), differences=evaluated.get("differences"),
-                         search=search_table(self.dir), timing={**machine, "seconds": summary["seconds"]})
+                         search=search_table(self.dir, self.chosen), timing={**machine, "seconds": summary["seconds"]})
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 
