@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kt_jax.errors import CheckpointError
-from kt_jax.model.attention import BACKENDS, attention, dot_attention
+from kt_jax.model.attention import BACKENDS, attention, cached_dot_attention
 from kt_jax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from kt_jax.sharding import RULES, ShardingRules, logical_sharding
 
@@ -146,7 +146,7 @@ class Attention(nnx.Module):
         return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim))
 
     def cached(
-        self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+        self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, k_BxKxSxD: jax.Array, v_BxKxSxD: jax.Array,
         mask_BxTxS: jax.Array, index: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Attention of T new tokens written into cache slots [index, index + T); returns (out, k, v caches).
@@ -158,10 +158,12 @@ class Attention(nnx.Module):
         k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(k_BxSxKxD, k.astype(k_BxSxKxD.dtype), index, axis=1)
-        v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(v_BxSxKxD, v.astype(v_BxSxKxD.dtype), index, axis=1)
-        out_BxTxHxD = dot_attention(q, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
-        return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim)), k_BxSxKxD, v_BxSxKxD
+        k_BxKxSxD = jax.lax.dynamic_update_slice_in_dim(
+            k_BxKxSxD, k.transpose(0, 2, 1, 3).astype(k_BxKxSxD.dtype), index, axis=2)
+        v_BxKxSxD = jax.lax.dynamic_update_slice_in_dim(
+            v_BxKxSxD, v.transpose(0, 2, 1, 3).astype(v_BxKxSxD.dtype), index, axis=2)
+        out_BxTxHxD = cached_dot_attention(q, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
+        return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim)), k_BxKxSxD, v_BxKxSxD
 
 
 class MLP(nnx.Module):
@@ -214,14 +216,14 @@ def _rematerialised(block: Block, *args: jax.Array | None, ctx: ShardContext | N
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values [B, S, K, D] (RoPE applied) and which slots hold real tokens [B, S]."""
+    """Per-layer keys/values [B, K, S, D] (RoPE applied; head-major) and which slots hold real tokens [B, S]."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     valid_BxS: jax.Array
 
 
-_CACHE_AXES = ("batch", "seq", "act_heads", None)
+_CACHE_AXES = ("batch", "act_heads", "seq", None)
 
 
 class Llama(nnx.Module):
@@ -272,7 +274,7 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache for `batch` rows of `length` slots in the compute dtype."""
         cfg = self.config
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         zeros = lambda: _constrain(self.shard_ctx, jnp.zeros(shape, DTYPES[cfg.dtype]), _CACHE_AXES)
         return KVCache(tuple(zeros() for _ in range(cfg.num_layers)), tuple(zeros() for _ in range(cfg.num_layers)),
                        jnp.zeros((batch, length), bool))
