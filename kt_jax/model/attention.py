@@ -62,31 +62,21 @@ def attention_mask(
     return mask
 
 
-def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
-    """Grouped-query softmax attention in float32 logits; returns [B, T, H, D] in the query dtype."""
+def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array, *,
+                  kv_layout: str = "bskd") -> jax.Array:
+    """Grouped-query softmax attention in float32 logits; returns [B, T, H, D] in the query dtype.
+
+    Keys and values are [B, S, K, D] (`kv_layout="bskd"`) or head-major [B, K, S, D] (`"bksd"`: the KV cache's layout,
+    which the two dots read without a copy; a slot-major cache was transposed whole in every decode step).
+    """
     b, t, h, d = q_BxTxHxD.shape
-    kv = k_BxSxKxD.shape[2]
+    kv = k_BxSxKxD.shape[kv_layout.index("k")]
     q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / np.sqrt(d))
     scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-    return out_BxTxKxGxD.reshape(b, t, h, d)
-
-
-def cached_dot_attention(q_BxTxHxD: jax.Array, k_BxKxSxD: jax.Array, v_BxKxSxD: jax.Array,
-                         mask_BxTxS: jax.Array) -> jax.Array:
-    """`dot_attention` against a head-major KV cache [B, K, S, D]: the layout the two dots read without a copy
-    (a slot-major cache was transposed whole in every decode step, ~half of the step on CPU)."""
-    b, t, h, d = q_BxTxHxD.shape
-    kv = k_BxKxSxD.shape[1]
-    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxD, k_BxKxSxD, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(d))
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxD.dtype)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxD)
+    out_BxTxKxGxD = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v_BxSxKxD)
     return out_BxTxKxGxD.reshape(b, t, h, d)
 
 

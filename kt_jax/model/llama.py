@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kt_jax.errors import CheckpointError
-from kt_jax.model.attention import BACKENDS, attention, cached_dot_attention
+from kt_jax.model.attention import BACKENDS, attention, dot_attention
 from kt_jax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from kt_jax.sharding import RULES, ShardingRules, logical_sharding
 
@@ -162,7 +162,7 @@ class Attention(nnx.Module):
             k_BxKxSxD, k.transpose(0, 2, 1, 3).astype(k_BxKxSxD.dtype), index, axis=2)
         v_BxKxSxD = jax.lax.dynamic_update_slice_in_dim(
             v_BxKxSxD, v.transpose(0, 2, 1, 3).astype(v_BxKxSxD.dtype), index, axis=2)
-        out_BxTxHxD = cached_dot_attention(q, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
+        out_BxTxHxD = dot_attention(q, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, kv_layout="bksd")
         return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim)), k_BxKxSxD, v_BxKxSxD
 
 
