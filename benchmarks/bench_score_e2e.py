@@ -69,6 +69,47 @@ def read_ppl(path: Path) -> np.ndarray:
     return np.array([np.nan if p is None else p for r in rows for p in r["ppl"]], float)
 
 
+def forward_gflop(facts: Path, model_dir: Path, hf_batch: int) -> tuple[float, float, str]:
+    """Forward GFLOP each side computes (matmuls, LM head, attention scores/values), and a breakdown line.
+
+    The ceiling of the end-to-end ratio at equal per-FLOP efficiency is their quotient: kt-jax runs the shared
+    prompts once, the LM head only on its gathered positions (rounded up per row) and attention over its whole
+    packed rows; HF runs every (prompt, fact) sequence padded to its batch's longest, the LM head everywhere.
+    """
+    from kt_jax.data.templates import alpaca_prompt, encode_pair, question_text
+    from kt_jax.data.tokenizer import load_tokenizer
+    from kt_jax.inference.scoring import plan
+
+    tok = load_tokenizer(model_dir)
+    dims = common.llama_dims(LLAMA_42M)
+    d, layers = dims["d"], dims["layers"]
+    per_token = 2 * layers * (2 * d * dims["heads"] * dims["hd"] + 2 * d * dims["kv"] * dims["hd"] + 3 * d * dims["f"])
+    head = 2 * d * dims["v"]
+    attention = 4 * layers * dims["heads"] * dims["hd"]  # x (query rows x keys) per row
+    pairs = []
+    for line in facts.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        prompt = alpaca_prompt(question_text(row["question"], row.get("input", "")))
+        for fact in row["facts"]:
+            e = encode_pair(tok, prompt, fact, 1024, add_eos=False)
+            pairs.append((e.prompt_ids, e.response_ids))
+    calls = plan([p for p in pairs if p[1]])
+    kt_tokens = sum(c.inputs.input_ids.size for c in calls)
+    kt_head = sum(c.inputs.gather_idx.size for c in calls)
+    kt_attn = sum(c.inputs.input_ids.shape[0] * c.inputs.input_ids.shape[1] ** 2 for c in calls)
+    lengths = sorted(len(p) + len(r) for p, r in pairs if r)
+    batches = [lengths[i : i + hf_batch] for i in range(0, len(lengths), hf_batch)]
+    hf_tokens = sum(len(b) * max(b) for b in batches)
+    hf_attn = sum(len(b) * max(b) ** 2 for b in batches)
+    kt = kt_tokens * per_token + kt_head * head + kt_attn * attention
+    hf = hf_tokens * (per_token + head) + hf_attn * attention
+    fact_tokens = sum(len(r) for _, r in pairs)
+    line = (f"kt-jax: {kt_tokens} row tokens (incl. padding), LM head at {kt_head} positions ({fact_tokens} fact "
+            f"tokens), {kt / 1e9:.0f} GFLOP; HF: {hf_tokens} padded tokens, {hf / 1e9:.0f} GFLOP; FLOP ratio "
+            f"{hf / kt:.2f}x")
+    return kt / 1e9, hf / 1e9, line
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=200)
@@ -89,6 +130,8 @@ def main() -> int:
         facts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"data: {source}; {sum(len(r['facts']) for r in rows)} facts; model "
               f"{common.llama_dims(LLAMA_42M)}")
+        kt_gflop, hf_gflop, flop_line = forward_gflop(facts, model_dir, args.hf_batch)
+        print(flop_line)
         env = {**os.environ, "KT_JAX_COMPILE_CACHE": str(tmp / "jax-cache")}
         hf_out, kt_out = tmp / "hf.jsonl", tmp / "kt.jsonl"
         hf_cmd = [sys.executable, "benchmarks/hf_score_reference.py", "--model", str(model_dir), "--input",
@@ -108,12 +151,16 @@ def main() -> int:
         rel = float(np.max(np.abs(got[both] - ref[both]) / ref[both]))
         nan_mismatch = int(np.sum(np.isfinite(ref) != np.isfinite(got)))
     hf = statistics.median(times["hf"])
-    table = [["HF PyTorch per fact (hf_score_reference.py)", len(times["hf"]), f"{hf:.1f}", "1.00x"]]
+    table = [["HF PyTorch per fact (hf_score_reference.py)", len(times["hf"]), f"{hf:.1f}", f"{hf_gflop / hf:.0f}",
+              "1.00x"]]
     for kind in ("cold", "warm"):
         med = statistics.median(times[kind])
-        table.append([f"kt-jax score, {kind} compile cache", len(times[kind]), f"{med:.1f}", f"{hf / med:.2f}x"])
+        table.append([f"kt-jax score, {kind} compile cache", len(times[kind]), f"{med:.1f}", f"{kt_gflop / med:.0f}",
+                      f"{hf / med:.2f}x"])
     print()
-    common.print_table(["process", "runs", "median wall s", "speedup vs HF"], table)
+    common.print_table(["process", "runs", "median wall s", "forward GFLOP/s (whole process)", "speedup vs HF"],
+                       table)
+    print(f"at equal GFLOP/s the ratio would be the FLOP ratio, {hf_gflop / kt_gflop:.2f}x")
     print(f"\nmax relative ppl difference kt-jax vs HF: {rel:.1e} ({nan_mismatch} facts null on one side only)")
     print(f"machine at end: {common.machine_load()}")
     warm = hf / statistics.median(times["warm"])
