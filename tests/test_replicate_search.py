@@ -28,8 +28,8 @@ def test_seed_config_moves_every_seed_and_the_run_directory() -> None:
 
 def _rows(values: list[float]) -> list[dict]:
     return [{"entity_id": f"e{i}", "completeness": v, "factuality": 1.0, "logicality": 1.0, "recall": v,
-             "recalled": 1, "gold": 1, "stated": 1, "correct": 1, "wrong": 0, "hallucinated": 0, "off_target": False}
-            for i, v in enumerate(values)]
+             "recalled": 1, "gold": 1, "stated": 1, "correct": 1, "wrong": 0, "hallucinated": 0, "off_target": False,
+             "kind": "overview" if i % 4 == 0 else "narrow"} for i, v in enumerate(values)]
 
 
 def test_combine_pools_seeds_and_keeps_each_seed(tmp_path) -> None:
@@ -56,6 +56,12 @@ def test_combine_pools_seeds_and_keeps_each_seed(tmp_path) -> None:
     text = write_replicate_report(tmp_path / "report.md", "rep", summary).read_text()
     assert "| stored | pass (0.950) | pass (0.950) |" in text
     assert "| KnowTuning | completeness | +0.2000 [" in text and "+0.1000 [+0.0900, +0.1100]" in text
+    kinds = out["by_kind"]["knowtuning"]
+    assert kinds["overview"]["questions"] == 20 and kinds["narrow"]["questions"] == 60
+    overview = [r["completeness"] for seed in (0, 1) for r in json.loads(
+        (tmp_path / f"seed{seed}" / "eval" / "world_metrics.json").read_text())["rows"]["knowtuning"][::4]]
+    assert kinds["overview"]["completeness"] == pytest.approx(np.mean(overview))
+    assert "## By question kind (pooled over seeds)" in text and "| KnowTuning | narrow | 60 |" in text
 
 
 def test_search_candidates_apply_to_their_own_section() -> None:

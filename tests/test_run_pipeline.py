@@ -82,6 +82,13 @@ def test_killed_run_resumes_without_redoing_finished_stages(tmp_path) -> None:
     diff = summary["differences"]["knowtuning"]["completeness"]
     assert diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
     assert "## Validity of the instrument" in report and "## Differences from SFT" in report
+    # overview vs narrow questions: counts add up to the test set, means agree with the per-question rows
+    world = json.loads((run_dir / "eval" / "world_metrics.json").read_text())
+    assert set(summary["by_kind"]["sft"]) == {"overview", "narrow"} and "## By question kind" in report
+    for name, kinds in summary["by_kind"].items():
+        assert sum(k["questions"] for k in kinds.values()) == len(world["rows"][name])
+        narrow = [r for r in world["rows"][name] if r["kind"] == "narrow"]
+        assert kinds["narrow"]["stated_per_answer"] == pytest.approx(sum(r["stated"] for r in narrow) / len(narrow))
     assert (run_dir / "eval" / "differences.png").stat().st_size > 0
     assert (run_dir / "config.yaml").exists()
 

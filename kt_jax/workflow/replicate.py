@@ -60,7 +60,7 @@ def run_seeds(cfg: PipelineConfig, mesh: Any = None) -> dict[str, Any]:
 def combine(root: Path, per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Validity per seed, metrics and differences aggregated over seeds, and pooled paired differences."""
     from kt_jax.eval.statistics import aggregate_seeds
-    from kt_jax.workflow.world_checks import differences
+    from kt_jax.workflow.world_checks import by_kind, differences
 
     numbers = {s: {name: {m: v for m, v in values.items() if m in METRICS and isinstance(v, int | float)}
                    for name, values in summary["metrics"].items()} for s, summary in per_seed.items()}
@@ -78,7 +78,9 @@ def combine(root: Path, per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "metrics": aggregate_seeds(metrics),
             "differences": aggregate_seeds({s: summary["differences"] for s, summary in per_seed.items()}),
             "pooled_differences": differences(rows), "questions": {s: s_sum.get("questions") for s, s_sum in
-                                                                    per_seed.items()}}
+                                                                    per_seed.items()},
+            # rows written before question kinds were recorded have none
+            "by_kind": by_kind(rows) if all("kind" in r for r in rows.get("sft", [{}])) else None}
 
 
 def _pm(agg: dict[str, Any]) -> str:
@@ -89,7 +91,7 @@ def _pm(agg: dict[str, Any]) -> str:
 def write_replicate_report(path: Path, name: str, summary: dict[str, Any]) -> Path:
     """report.md of a multi-seed run."""
     from kt_jax.workflow.config import SYSTEM_LABELS
-    from kt_jax.workflow.report import timing_line
+    from kt_jax.workflow.report import _by_kind, timing_line
 
     seeds = summary["seeds"]
     lines = [f"# KnowTuning replicate: {name} (seeds {', '.join(map(str, seeds))})", "",
@@ -123,6 +125,8 @@ def write_replicate_report(path: Path, name: str, summary: dict[str, Any]) -> Pa
                      f"{per['ci_high']['per_seed'][s]:+.4f}]" if per else "-" for s in seeds]
             lines.append(f"| {SYSTEM_LABELS.get(system, system)} | {metric} | {d['mean']:+.4f} "
                          f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | " + " | ".join(cells) + " |")
+    if summary.get("by_kind"):
+        lines += ["", *_by_kind(summary["by_kind"], SYSTEM_LABELS, "pooled over seeds")]
     path.write_text("\n".join(lines) + "\n")
     return path
 

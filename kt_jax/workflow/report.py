@@ -41,6 +41,19 @@ def _differences(differences: dict[str, dict[str, Any]], labels: dict[str, str])
     return [*lines, "", "Forest plot: `eval/differences.png`.", ""]
 
 
+def _by_kind(by_kind: dict[str, dict[str, dict[str, float]]], labels: dict[str, str],
+             scope: str = "test questions") -> list[str]:
+    lines = [f"## By question kind ({scope})", "",
+             "| system | kind | questions | completeness | facts stated per answer | wrong per answer | "
+             "off-target per answer |", "|---|---|---|---|---|---|---|"]
+    for system, kinds in by_kind.items():
+        for kind, m in kinds.items():
+            lines.append(f"| {labels.get(system, system)} | {kind} | {m['questions']} | {m['completeness']:.4f} | "
+                         f"{m['stated_per_answer']:.2f} | {m['wrong_per_answer']:.2f} | "
+                         f"{m['off_target_per_answer']:.2f} |")
+    return [*lines, ""]
+
+
 def _search(searched: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
     lines = ["## Hyperparameters chosen on the validation entities", "",
              "Each system trained every candidate; only the chosen one (*) answered the test questions.", "",
@@ -67,7 +80,8 @@ def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[s
                  probe: dict[str, Any] | None, labels: dict[str, str], *,
                  validity: dict[str, dict[str, Any]] | None = None,
                  differences: dict[str, dict[str, Any]] | None = None,
-                 search: list[dict[str, Any]] | None = None, timing: dict[str, Any] | None = None) -> Path:
+                 search: list[dict[str, Any]] | None = None, timing: dict[str, Any] | None = None,
+                 by_kind: dict[str, dict[str, dict[str, float]]] | None = None) -> Path:
     """Write the run's report.md to `path`; returns it."""
     keys = [k for k in COLUMNS if any(k in m for m in metrics.values())]
     lines = [f"# KnowTuning run: {name}", "", f"Run directory: `{run_dir}`; detailed evaluation: `eval/report.md`.", ""]
@@ -86,6 +100,8 @@ def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[s
     lines.append("")
     if differences:
         lines += _differences(differences, labels)
+    if by_kind:
+        lines += _by_kind(by_kind, labels)
     if search:
         lines += _search(search, labels)
     path.write_text("\n".join(lines) + "\n")

@@ -266,7 +266,8 @@ class Pipeline:
         world = world_report(self, predictions, self.generate("base", self.base_model, upstream=[self.source]))
         for name, values in world["metrics"].items():
             metrics[name] = {**values, **metrics.get(name, {})}
-        return {"metrics": metrics, "differences": world["differences"], "validity": world["validity"]}
+        return {"metrics": metrics, "differences": world["differences"], "validity": world["validity"],
+                "by_kind": world.get("by_kind")}
 
     # -- all -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -303,7 +304,8 @@ class Pipeline:
             probe = getattr(self, "base_summary", None) or (self.stages.record("pretrain") or {}).get("summary")
             write_report(report, self.cfg.name, self.dir, metrics, probe, SYSTEM_LABELS,
                          validity=evaluated.get("validity"), differences=evaluated.get("differences"),
-                         search=search_table(self.dir, self.chosen), timing={**machine, "seconds": summary["seconds"]})
+                         search=search_table(self.dir, self.chosen), timing={**machine, "seconds": summary["seconds"]},
+                         by_kind=evaluated.get("by_kind"))
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 

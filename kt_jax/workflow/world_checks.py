@@ -27,8 +27,22 @@ def world_rows(pipe: Pipeline, predictions: dict[str, str]
         preds = load_predictions(path)
         summaries[name], reports = evaluate_answers(world, [questions[r["question"]] for r in preds],
                                                     [r["prediction"] for r in preds])
-        rows[name] = per_question(reports)
+        rows[name] = [{**row, "kind": questions[r["question"]].kind}
+                      for row, r in zip(per_question(reports), preds, strict=True)]
     return summaries, rows
+
+
+def by_kind(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{system: {question kind: means}}: where a system gains or loses (overview answers vs narrow ones)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, system_rows in rows.items():
+        for kind in sorted({r["kind"] for r in system_rows}):
+            part = [r for r in system_rows if r["kind"] == kind]
+            mean = lambda key, part=part: sum(r[key] for r in part) / len(part)
+            out.setdefault(name, {})[kind] = {
+                "questions": len(part), "completeness": mean("completeness"), "stated_per_answer": mean("stated"),
+                "wrong_per_answer": mean("wrong"), "off_target_per_answer": mean("off_target")}
+    return out
 
 
 def differences(rows: dict[str, list[dict[str, Any]]], baseline: str = "sft") -> dict[str, dict[str, Any]]:
@@ -130,7 +144,7 @@ def world_report(pipe: Pipeline, predictions: dict[str, str], base_predictions: 
         sft_answers = [r["prediction"] for r in read_rows(predictions["sft"])]
         report = {"metrics": summaries, "differences": diffs,
                   "validity": validity(rows, diffs, recall, sft_answers, again), "questions": len(rows["sft"]),
-                  "rows": rows}
+                  "by_kind": by_kind(rows), "rows": rows}
         if diffs:
             forest_plot(diffs, pipe.dir / "eval" / "differences.png")
         out.write_text(json.dumps(report, indent=2) + "\n")
