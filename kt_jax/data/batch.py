@@ -6,7 +6,8 @@ targets[t] counts), positions (restart per segment) and segment_ids (1.. per row
 `PreferenceBatch` is one chosen and one rejected `SeqBatch` (same shape, one pair per row) plus the stored
 reference log-probs [B] (NaN where a record has none; 0 on padding rows). A `GroupedPreferenceBatch` packs a
 question's prompt, its chosen answer and its rejected answers as sibling segments of one row (`packing.Group`) and
-names each pair by the segment ids of its two answers in per-row pair slots [B, K].
+names each pair by the segment ids of its two answers in per-row pair slots [B, K]. A `SharedPrefixBatch` holds SFT
+rows whose examples share one copy of the prompt prefix they all start with (the template's preamble).
 """
 
 from __future__ import annotations
@@ -77,8 +78,21 @@ class GroupedPreferenceBatch:
     ref_rejected_logps: Any  # float32 [B, K]
 
 
-Batch = SeqBatch | PreferenceBatch | GroupedPreferenceBatch
-B = TypeVar("B", SeqBatch, PreferenceBatch, GroupedPreferenceBatch)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SharedPrefixBatch:
+    """SFT rows whose examples share one copy of their common prompt prefix ([..., B, T] + attention group ids).
+
+    The prefix has segment id 0 and its group's id; each example is a segment of that group that attends to the
+    prefix and to itself only, at the positions of its own unpacked sequence (`data.share_prompt_prefix`).
+    """
+
+    seq: SeqBatch
+    group_ids: Any  # int32 [B, T], 0 = padding
+
+
+Batch = SeqBatch | PreferenceBatch | GroupedPreferenceBatch | SharedPrefixBatch
+B = TypeVar("B", SeqBatch, PreferenceBatch, GroupedPreferenceBatch, SharedPrefixBatch)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,11 +7,12 @@ numpy batches of `batch_size // process_count` rows; its whole state is that pos
 `get_state`/`set_state` (and Grain's orbax `CheckpointHandler`) restore it exactly. `sharding.to_device` turns a
 host batch into global `jax.Array`s sharded over the mesh's batch axes.
 
-Batches are `data.batch.SeqBatch` (SFT, LM) or, for DPO, `GroupedPreferenceBatch` (`group_preferences`, the
-default: KC records with the same question, input and chosen answer form one stream element; a batch carries
-exactly the next `batch_size` pairs of the stream, as the per-pair layout does, splitting a group across batches
-where the boundary falls, laid out by `packing.preference_rows` as a shared prompt + the chosen + up to
-`group_pairs` rejected answers, and by `packing.fit_pair_rows` several of those to a row where they fit) or
+Batches are `data.batch.SeqBatch` (SFT, LM; `SharedPrefixBatch` with `share_prompt_prefix`, whose rows hold the
+prompt prefix all examples start with once, `packing.PrefixRows`) or, for DPO, `GroupedPreferenceBatch`
+(`group_preferences`, the default: KC records with the same question, input and chosen answer form one stream
+element; a batch carries exactly the next `batch_size` pairs of the stream, as the per-pair layout does, splitting a
+group across batches where the boundary falls, laid out by `packing.preference_rows` as a shared prompt + the chosen
++ up to `group_pairs` rejected answers, and by `packing.fit_pair_rows` several of those to a row where they fit) or
 `PreferenceBatch` (`group_preferences` off: one pair per row, plain padding, same T). Both layouts compute every
 pair's loss exactly as the other does; they give the same batches when the pair streams agree (no shuffle, group
 members adjacent in the records, one process). With `shuffle` the grouped stream shuffles questions, not pairs: a
@@ -47,10 +48,12 @@ from kt_jax.data.batch import (
     PreferenceBatch,
     PreferenceExample,
     SFTExample,
+    SharedPrefixBatch,
     Task,
 )
 from kt_jax.data.packing import (
     Bins,
+    PrefixRows,
     Segment,
     bucket_length,
     fit_pair_rows,
@@ -59,7 +62,7 @@ from kt_jax.data.packing import (
     preference_rows,
 )
 from kt_jax.data.records import KCRecord, Record
-from kt_jax.data.templates import ALPACA_STYLES, alpaca_prompt, encode_pair
+from kt_jax.data.templates import ALPACA_STYLES, alpaca_prompt, encode_pair, prompt_prefix
 from kt_jax.data.tokenizer import Tokenizer
 from kt_jax.errors import ConfigError, DataError
 
@@ -85,6 +88,10 @@ class DataConfig:
     group_preferences: bool = True
     group_pairs: int = 3  # rejected answers sharing one copy of a prompt + chosen (KC: 3 aspects per question)
     row_multiple: int = 1  # grouped rows per process are a multiple of this (the mesh's batch ways per process)
+    # SFT (packed): rows hold the prompt prefix every example starts with (the template's preamble) once, each
+    # example a segment attending to it and to itself (exact: the same log-probs as its own sequence). A row then
+    # holds more examples, so with the same batch_size a step sees more examples; attention takes the dense path.
+    share_prompt_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.overlength not in ("truncate", "skip", "error"):
@@ -93,6 +100,8 @@ class DataConfig:
             raise ConfigError(f"data.template: {self.template!r} is not one of {sorted(ALPACA_STYLES)}")
         if self.max_len < 2 or self.batch_size < 1:
             raise ConfigError(f"data.max_len ({self.max_len}) must be >= 2 and data.batch_size >= 1")
+        if self.share_prompt_prefix and not self.pack:
+            raise ConfigError("data.share_prompt_prefix needs data.pack: true (shared rows are packed rows)")
         if self.group_pairs < 1 or self.row_multiple < 1:
             raise ConfigError(f"data.group_pairs ({self.group_pairs}) and data.row_multiple ({self.row_multiple}) "
                               "must be >= 1")
@@ -161,9 +170,9 @@ class BatchIterator(grain.DatasetIterator):
     """Fixed-shape numpy batches from an encoded example stream; state = stream position + counters."""
 
     def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, task: Task,
-                 epoch_len: int | None = None, fixed_rows: int | None = None) -> None:
+                 epoch_len: int | None = None, fixed_rows: int | None = None, prefix: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self._stream, self._rows, self._cfg, self._task = stream, rows, cfg, task
+        self._stream, self._rows, self._cfg, self._task, self._prefix = stream, rows, cfg, task, prefix
         self._epoch_len = epoch_len  # a whole epoch of skipped examples in a row means nothing fits max_len
         self._fixed_rows = fixed_rows  # grouped batches: this many rows, not as many as the batch needs
         self._next = 0
@@ -212,7 +221,21 @@ class BatchIterator(grain.DatasetIterator):
         self.last_stream_positions = []
         if self._task.preference:
             return self._grouped_batch() if self._cfg.group_preferences else self._preference_batch()
+        if self._prefix:
+            return self._shared_batch()
         return self._packed_batch() if self._cfg.pack else self._padded_batch()
+
+    def _shared_batch(self) -> Batch:
+        rows = PrefixRows(self._prefix, self._cfg.max_len, self._rows)
+        while (ex := self._take()) is not None:
+            if not rows.add(ex.ids, ex.prompt_len):
+                break  # the example stays first in the stream for the next batch
+            self._consume(ex)
+        if not self.last_stream_positions:
+            raise StopIteration
+        laid_out = rows.rows()
+        packed = pack_arrays(laid_out + [[]] * (self._rows - len(laid_out)), self._cfg.max_len)
+        return SharedPrefixBatch(packed.batch, packed.group_ids)
 
     def _packed_batch(self) -> Batch:
         bins = Bins(self._cfg.max_len, max_bins=self._rows)
@@ -285,13 +308,14 @@ class BatchDataset(grain.IterDataset):
     """An IterDataset of host numpy batches (see `BatchIterator`)."""
 
     def __init__(self, stream: grain.MapDataset, rows: int, cfg: DataConfig, task: Task,
-                 epoch_len: int | None = None, fixed_rows: int | None = None) -> None:
+                 epoch_len: int | None = None, fixed_rows: int | None = None, prefix: tuple[int, ...] = ()) -> None:
         super().__init__()
         self._stream, self._rows, self._cfg, self._task = stream, rows, cfg, task
-        self._epoch_len, self._fixed_rows = epoch_len, fixed_rows
+        self._epoch_len, self._fixed_rows, self._prefix = epoch_len, fixed_rows, prefix
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator(self._stream, self._rows, self._cfg, self._task, self._epoch_len, self._fixed_rows)
+        return BatchIterator(self._stream, self._rows, self._cfg, self._task, self._epoch_len, self._fixed_rows,
+                             self._prefix)
 
 
 def _process_layout(cfg: DataConfig, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
@@ -325,7 +349,9 @@ def make_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig, *, 
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)[index::count].map(encode_fn)
-    return BatchDataset(ds, rows, cfg, task, epoch_len=-(-len(records) // count))
+    prefix = (prompt_prefix(tok, cfg.template, cfg.max_len, add_bos=cfg.add_bos)
+              if cfg.share_prompt_prefix and task is Task.SFT else ())
+    return BatchDataset(ds, rows, cfg, task, epoch_len=-(-len(records) // count), prefix=prefix)
 
 
 def _grouped_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig, task: Task, index: int, count: int,

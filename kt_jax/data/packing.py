@@ -5,6 +5,8 @@ LM pretraining (`world.pretrain.pack_rows`):
 
 - `Bins` places items first-fit into bins of `capacity` tokens (optionally at most `max_bins` bins, at most
   `max_weight` weight per bin, or only the newest bin open: next-fit).
+- `PrefixRows` packs SFT examples first-fit into rows that hold their common prompt prefix (the template's
+  preamble) once, each example a segment attending to it (`data.share_prompt_prefix`).
 - `pack_arrays` lays rows of `Segment`s and `Group`s out as a `SeqBatch` (+ attention group ids). A `Group` is a
   shared prefix followed by segments that each attend to the prefix and to themselves only (prefix-shared
   scoring); the positions of a group's segments continue after the prefix. Segment ids count the row's segments
@@ -90,6 +92,44 @@ class Bins:
         self.bins.append([item])
         self._used.append((size, weight))
         return True
+
+
+class PrefixRows:
+    """First-fit of SFT examples into at most `max_rows` rows of `capacity` tokens, sharing a prompt prefix.
+
+    An example whose ids start with `prefix` (and whose prompt goes past it) costs its tokens after the prefix,
+    plus the prefix once for the first such example of a row; its segment then attends to that one copy (a
+    `Group`), exactly as its unpacked sequence attends to its own prefix. Other examples are plain segments.
+    """
+
+    def __init__(self, prefix: Sequence[int], capacity: int, max_rows: int) -> None:
+        self.prefix, self.capacity, self.max_rows = tuple(prefix), capacity, max_rows
+        self._shared: list[list[Segment]] = []
+        self._plain: list[list[Segment]] = []
+        self._used: list[int] = []
+
+    def add(self, ids: Sequence[int], prompt_len: int) -> bool:
+        """Place one example (ids = prompt + response); False when no row has room and no row can open."""
+        k = len(self.prefix)
+        shared = 0 < k < prompt_len and tuple(ids[:k]) == self.prefix
+        seg = Segment(ids[k:] if shared else ids, len(ids) - prompt_len)
+        for r in range(len(self._used)):
+            cost = len(seg.tokens) + (k if shared and not self._shared[r] else 0)
+            if self._used[r] + cost <= self.capacity:
+                (self._shared if shared else self._plain)[r].append(seg)
+                self._used[r] += cost
+                return True
+        if len(self._used) >= self.max_rows:
+            return False
+        self._shared.append([seg] if shared else [])
+        self._plain.append([] if shared else [seg])
+        self._used.append(len(ids))
+        return True
+
+    def rows(self) -> list[list[Segment | Group]]:
+        """Each row's items: its shared group (prefix + segments) first, then its plain segments."""
+        return [([Group(self.prefix, shared)] if shared else []) + plain
+                for shared, plain in zip(self._shared, self._plain, strict=True)]
 
 
 def pack_arrays(rows: Sequence[Sequence[Segment | Group]], length: int) -> Packed:

@@ -94,3 +94,13 @@ def encode_pair(tok: Tokenizer, prompt: str, response: str, max_len: int, add_eo
     if truncated:
         response_ids = response_ids[:room]
     return EncodedPair(prompt_ids, response_ids, truncated)
+
+
+def prompt_prefix(tok: Tokenizer, style: str, max_len: int, *, add_bos: bool = True) -> tuple[int, ...]:
+    """Ids every alpaca prompt of `style` starts with (BOS and the preamble): the common prefix of two unrelated
+    prompts' ids less its last token, so that no merge across the preamble's end is assumed (`packing.PrefixRows`
+    still checks every example against it)."""
+    a, b = (encode_pair(tok, alpaca_prompt(q, i, style), "x", max_len, add_bos=add_bos).prompt_ids
+            for q, i in (("Name a colour.", ""), ("Why is the sky blue?", "Explain briefly.")))
+    n = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return tuple(a[: max(n - 1, 0)])

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kt_jax.data.batch import Batch, GroupedPreferenceBatch, PreferenceBatch, SeqBatch
+from kt_jax.data.batch import Batch, GroupedPreferenceBatch, PreferenceBatch, SeqBatch, SharedPrefixBatch
 from kt_jax.ops.logprobs import DEFAULT_CHUNK, masked_sum, token_logprobs
 from kt_jax.ops.losses import dpo_loss, masked_mean_nll
 from kt_jax.train.config import DPOConfig
@@ -33,10 +33,29 @@ def batch_logprobs(model: Any, batch: SeqBatch, *, chunk_size: int = DEFAULT_CHU
     return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), batch.targets, chunk_size=chunk_size)
 
 
-def sft_loss(model: Any, batch: SeqBatch, *, chunk_size: int = DEFAULT_CHUNK
+def shared_prefix_mask(seq: SeqBatch, group_ids_BxT: jax.Array) -> jax.Array:
+    """[B, T, T] keys each query may see (before causality): its group's shared prefix (segment 0) and its own
+    segment; padding (group 0) sees only padding."""
+    seg = seq.segment_ids
+    return (group_ids_BxT[:, :, None] == group_ids_BxT[:, None, :]) & (
+        (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+
+
+def grouped_logprobs(model: Any, seq: SeqBatch, group_ids_BxT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK
+                     ) -> jax.Array:
+    """[B, T] float32 target log-probs of rows whose segments share their group's prefix (`packing.Group`)."""
+    hidden_BxTxD = model.hidden_states(seq.input_ids, seq.positions, None, shared_prefix_mask(seq, group_ids_BxT))
+    return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), seq.targets, chunk_size=chunk_size)
+
+
+def sft_loss(model: Any, batch: SeqBatch | SharedPrefixBatch, *, chunk_size: int = DEFAULT_CHUNK
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked token-mean cross-entropy of an SFT/LM batch (loss_mask selects the counted targets)."""
-    loss, tokens = masked_mean_nll(batch_logprobs(model, batch, chunk_size=chunk_size), batch.loss_mask)
+    if isinstance(batch, SharedPrefixBatch):
+        seq, logp_BxT = batch.seq, grouped_logprobs(model, batch.seq, batch.group_ids, chunk_size=chunk_size)
+    else:
+        seq, logp_BxT = batch, batch_logprobs(model, batch, chunk_size=chunk_size)
+    loss, tokens = masked_mean_nll(logp_BxT, seq.loss_mask)
     return loss, {"loss": loss, "tokens": tokens}
 
 
@@ -62,12 +81,9 @@ def grouped_policy_logps(model: Any, batch: GroupedPreferenceBatch, chunk_size: 
     One forward over the grouped rows: attention inside a group, each answer seeing the shared prompt (segment 0)
     and itself, exactly the keys its own unpacked sequence has; a pair's sums are its two segments' sums.
     """
-    seq, group = batch.seq, batch.group_ids
+    seq = batch.seq
     seg = seq.segment_ids
-    allowed_BxTxT = (group[:, :, None] == group[:, None, :]) & (
-        (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
-    hidden_BxTxD = model.hidden_states(seq.input_ids, seq.positions, None, allowed_BxTxT)
-    logp_BxT = token_logprobs(hidden_BxTxD, model.lm_head_kernel(), seq.targets, chunk_size=chunk_size)
+    logp_BxT = grouped_logprobs(model, seq, batch.group_ids, chunk_size=chunk_size)
     mask_BxT = seq.loss_mask.astype(jnp.float32)
 
     def side(seg_BxK: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -109,7 +125,7 @@ def make_dpo_loss(cfg: DPOConfig, chunk_size: int = 128) -> LossFn:
 
 def _token_count(batch: Batch) -> jax.Array:
     """Non-padding input tokens in a batch (both sides of a preference batch; a shared prompt once)."""
-    if isinstance(batch, GroupedPreferenceBatch):
+    if isinstance(batch, GroupedPreferenceBatch | SharedPrefixBatch):
         return jnp.sum(batch.group_ids > 0).astype(jnp.float32)
     seqs = (batch.chosen, batch.rejected) if isinstance(batch, PreferenceBatch) else (batch,)
     return sum(jnp.sum(s.segment_ids > 0) for s in seqs).astype(jnp.float32)
