@@ -7,16 +7,15 @@ numpy batches of `batch_size // process_count` rows; its whole state is that pos
 `get_state`/`set_state` (and Grain's orbax `CheckpointHandler`) restore it exactly. `sharding.to_device` turns a
 host batch into global `jax.Array`s sharded over the mesh's batch axes.
 
-Batches are `data.batch.SeqBatch` (SFT, LM; `SharedPrefixBatch` with `share_prompt_prefix`, whose rows hold the
-prompt prefix all examples start with once, `packing.PrefixRows`) or, for DPO, `GroupedPreferenceBatch`
-(`group_preferences`, the default: KC records with the same question, input and chosen answer form one stream
-element; a batch carries exactly the next `batch_size` pairs of the stream, as the per-pair layout does, splitting a
-group across batches where the boundary falls, laid out by `packing.preference_rows` as a shared prompt + the chosen
-+ up to `group_pairs` rejected answers, and by `packing.fit_pair_rows` several of those to a row where they fit) or
-`PreferenceBatch` (`group_preferences` off: one pair per row, plain padding, same T). Both layouts compute every
-pair's loss exactly as the other does; they give the same batches when the pair streams agree (no shuffle, group
-members adjacent in the records, one process). With `shuffle` the grouped stream shuffles questions, not pairs: a
-question's pairs share a batch (or two adjacent ones), each pair still once per epoch.
+Batches are `data.batch.SeqBatch` (SFT, LM; `SharedPrefixBatch` with `share_prompt_prefix`) or, for DPO,
+`GroupedPreferenceBatch` (`group_preferences`, the default: KC records with the same question, input and chosen
+answer form one stream element; a batch carries exactly the next `batch_size` pairs of the stream, as the per-pair
+layout does, splitting a group across batches where the boundary falls, laid out by `packing.preference_rows` as a
+shared prompt + the chosen + up to `group_pairs` rejected answers, and by `packing.fit_pair_rows` several of those
+to a row where they fit) or `PreferenceBatch` (`group_preferences` off: one pair per row, plain padding, same T).
+Both layouts compute every pair's loss exactly as the other does; they give the same batches when the pair streams
+agree (no shuffle, group members adjacent in the records, one process). With `shuffle` the grouped stream shuffles
+questions, not pairs: a question's pairs share a batch (or two adjacent ones), each pair still once per epoch.
 Reference log-probs are NaN when a record has none.
 Shapes: packed rows are always `max_len` long (first-fit into the batch's rows, `packing.Bins`); padded rows use the
 smallest bucket length that fits (`packing.bucket_length` over `buckets`), so jit sees only a few shapes. Grouped
@@ -88,9 +87,8 @@ class DataConfig:
     group_preferences: bool = True
     group_pairs: int = 3  # rejected answers sharing one copy of a prompt + chosen (KC: 3 aspects per question)
     row_multiple: int = 1  # grouped rows per process are a multiple of this (the mesh's batch ways per process)
-    # SFT (packed): rows hold the prompt prefix every example starts with (the template's preamble) once, each
-    # example a segment attending to it and to itself (exact: the same log-probs as its own sequence). A row then
-    # holds more examples, so with the same batch_size a step sees more examples; attention takes the dense path.
+    # SFT (packed): the prompt prefix all examples share once per row (`packing.PrefixRows`; exact). Rows then hold
+    # more examples: halve batch_size to keep the examples per step (docs/DESIGN.md "Speed on CPU").
     share_prompt_prefix: bool = False
 
     def __post_init__(self) -> None:
@@ -233,8 +231,7 @@ class BatchIterator(grain.DatasetIterator):
             self._consume(ex)
         if not self.last_stream_positions:
             raise StopIteration
-        laid_out = rows.rows()
-        packed = pack_arrays(laid_out + [[]] * (self._rows - len(laid_out)), self._cfg.max_len)
+        packed = pack_arrays(rows.rows() + [[]] * (self._rows - len(rows.rows())), self._cfg.max_len)
         return SharedPrefixBatch(packed.batch, packed.group_ids)
 
     def _packed_batch(self) -> Batch:
@@ -349,8 +346,8 @@ def make_dataset(records: Sequence[Record], tok: Tokenizer, cfg: DataConfig, *, 
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)[index::count].map(encode_fn)
-    prefix = (prompt_prefix(tok, cfg.template, cfg.max_len, add_bos=cfg.add_bos)
-              if cfg.share_prompt_prefix and task is Task.SFT else ())
+    share = cfg.share_prompt_prefix and task is Task.SFT
+    prefix = prompt_prefix(tok, cfg.template, cfg.max_len, add_bos=cfg.add_bos) if share else ()
     return BatchDataset(ds, rows, cfg, task, epoch_len=-(-len(records) // count), prefix=prefix)
 
 
