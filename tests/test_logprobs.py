@@ -70,6 +70,49 @@ def test_no_full_vocab_logits_in_chunked_program() -> None:
     assert max(sizes) <= b * 16 * v, f"a buffer of {max(sizes)} floats holds logits of more than one chunk"
 
 
+def _sparse_mask(b: int, t: int, seed: int) -> np.ndarray:
+    """Loss masks like packed SFT rows: a few response spans per row, one row empty, weights other than 1."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((b, t), np.float32)
+    for row in range(b - 1):
+        for start in rng.choice(t - 4, size=2, replace=False):
+            mask[row, start:start + int(rng.integers(1, 5))] = rng.choice([1.0, 0.5])
+    return mask
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 8, 37, 64])
+def test_where_computes_kept_positions_only_and_matches_float64(chunk: int) -> None:
+    hidden, w, targets = _inputs(b=4, t=37)
+    mask = _sparse_mask(4, 37, seed=chunk)
+    ref = _float64_reference(hidden, w, targets)
+    got = np.asarray(jax.jit(lambda h, k, y, m: token_logprobs(h, k, y, chunk_size=chunk, where_BxT=m))(
+        hidden, w, targets, mask))
+    kept = mask > 0
+    np.testing.assert_allclose(got[kept], ref[kept], rtol=1e-5, atol=1e-5)
+    assert not got[~kept].any()  # the empty row and every unkept position hold 0
+    full = np.asarray(token_logprobs(hidden, w, targets, chunk_size=chunk))
+    np.testing.assert_allclose(got[kept], full[kept], rtol=1e-6, atol=1e-6)
+
+
+def test_masked_sums_gradients_match_the_full_path() -> None:
+    hidden, w, targets = _inputs(b=3, t=40)
+    mask = _sparse_mask(3, 40, seed=3)
+
+    def full(h, k):
+        return jnp.sum(masked_sum(token_logprobs(h, k, targets, chunk_size=8), mask)[0])
+
+    def skipping(h, k):
+        return jnp.sum(masked_sum(token_logprobs(h, k, targets, chunk_size=8, where_BxT=mask), mask)[0])
+
+    g_ref = jax.jit(jax.grad(full, argnums=(0, 1)))(hidden, w)
+    g_got = jax.jit(jax.grad(skipping, argnums=(0, 1)))(hidden, w)
+    assert np.abs(np.asarray(g_ref[0])).sum() > 0
+    for a, b in zip(g_got, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # positions outside the mask get exactly no gradient
+    assert not np.asarray(g_got[0])[mask == 0].any()
+
+
 def test_bfloat16_hidden_gives_float32_logprobs() -> None:
     hidden, w, targets = _inputs()
     got = token_logprobs(jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), targets, chunk_size=8)
@@ -108,8 +151,13 @@ def test_batch_logprobs_match_hf_log_softmax(llama3_dir) -> None:
     targets = np.concatenate([ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
     ones = np.ones_like(ids)
     positions = np.broadcast_to(np.arange(20, dtype=np.int32), ids.shape)
-    batch = SeqBatch(ids, targets, ones.astype(np.float32), positions, ones)  # one segment per row: plain causal
-    got = np.asarray(batch_logprobs(load_pretrained(llama3_dir), jax.tree.map(jnp.asarray, batch), chunk_size=6))
     logits = hf_logits(llama3_dir, ids).astype(np.float64)
     ref = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - np.log(np.exp(logits).sum(-1))
-    np.testing.assert_allclose(got, ref, atol=1e-4)
+    response = np.zeros((2, 20), np.float32)
+    response[0, 12:19], response[1, 3:9] = 1.0, 1.0  # responses in different chunks of the two rows
+    model = load_pretrained(llama3_dir)
+    for mask in (ones.astype(np.float32), response):
+        batch = SeqBatch(ids, targets, mask, positions, ones)  # one segment per row: plain causal
+        got = np.asarray(batch_logprobs(model, jax.tree.map(jnp.asarray, batch), chunk_size=6))
+        np.testing.assert_allclose(got[mask > 0], ref[mask > 0], atol=1e-4)
+        assert not got[mask == 0].any()

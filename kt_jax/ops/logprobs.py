@@ -24,29 +24,65 @@ def _chunk_logprobs(hidden_BxCxD: jax.Array, lm_head_DxV: jax.Array, targets_BxC
 
 
 def token_logprobs(
-    hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, targets_BxT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK
+    hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, targets_BxT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK,
+    where_BxT: jax.Array | None = None,
 ) -> jax.Array:
     """log p(targets[b, t] | hidden[b, t]) as float32 [B, T], computed chunk by chunk over the sequence.
 
     Works under jit and grad (w.r.t. hidden and lm_head). Targets must lie in [0, V); positions without a
-    real target should hold any valid id (e.g. 0) and be masked by the caller.
+    real target should hold any valid id (e.g. 0) and be masked by the caller. With `where_BxT`, only the
+    positions where it is > 0 are computed (the others are 0): `_sparse_logprobs` skips the rest of the LM head.
     """
-    b, t, d = hidden_BxTxD.shape
+    b, t = hidden_BxTxD.shape[:2]
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if where_BxT is not None:
+        return _sparse_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT, where_BxT > 0, chunk_size)
     if t <= chunk_size:
         return _chunk_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT)
     n = -(-t // chunk_size)
-    pad = n * chunk_size - t
-    if pad:
-        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    # [B, n*C, D] -> [n, B, C, D]: the batch axis (and its sharding) stays intact inside every chunk
-    hidden_NxBxCxD = hidden_BxTxD.reshape(b, n, chunk_size, d).transpose(1, 0, 2, 3)
-    targets_NxBxC = targets_BxT.reshape(b, n, chunk_size).transpose(1, 0, 2)
+    hidden_NxBxCxD, targets_NxBxC = _to_chunks(hidden_BxTxD, n, chunk_size), _to_chunks(targets_BxT, n, chunk_size)
     step = jax.checkpoint(lambda xs: _chunk_logprobs(xs[0], lm_head_DxV, xs[1]))
     logp_NxBxC = jax.lax.map(step, (hidden_NxBxCxD, targets_NxBxC))
     return logp_NxBxC.transpose(1, 0, 2).reshape(b, n * chunk_size)[:, :t]
+
+
+def _to_chunks(x_BxT: jax.Array, n: int, chunk_size: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, chunk, ...], zero-padded: the batch axis (and its sharding) stays intact in a chunk."""
+    b, t = x_BxT.shape[:2]
+    pad = n * chunk_size - t
+    if pad:
+        x_BxT = jnp.pad(x_BxT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BxT.ndim - 2))
+    x = x_BxT.reshape(b, n, chunk_size, *x_BxT.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _sparse_logprobs(hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, targets_BxT: jax.Array, keep_BxT: jax.Array,
+                     chunk_size: int) -> jax.Array:
+    """Target log-probs at the kept positions (0 elsewhere), the LM head skipped where nothing is kept.
+
+    Each row's kept positions move to its front (a stable per-row sort: the batch axis and its sharding stay
+    intact), and a chunk in which no row keeps a position is skipped, forward and backward. SFT rows whose
+    responses are a quarter of their tokens run the LM head on about a quarter of the chunks; a dense mask
+    (language modelling) runs all of them, and pays only the sort and two gathers.
+    """
+    b, t, _ = hidden_BxTxD.shape
+    n = -(-t // chunk_size)
+    order_BxT = jnp.argsort(~keep_BxT, axis=1, stable=True)
+    gathered = (jnp.take_along_axis(hidden_BxTxD, order_BxT[..., None], axis=1),
+                jnp.take_along_axis(targets_BxT, order_BxT, axis=1),
+                jnp.take_along_axis(keep_BxT, order_BxT, axis=1))
+    chunks = tuple(_to_chunks(x, n, chunk_size) for x in gathered)
+
+    def compute(xs: tuple[jax.Array, ...]) -> jax.Array:
+        return jnp.where(xs[2], _chunk_logprobs(xs[0], lm_head_DxV, xs[1]), 0.0)
+
+    def step(xs: tuple[jax.Array, ...]) -> jax.Array:
+        return jax.lax.cond(jnp.any(xs[2]), compute, lambda x: jnp.zeros(x[2].shape, jnp.float32), xs)
+
+    logp_NxBxC = jax.lax.map(jax.checkpoint(step), chunks)
+    sorted_BxT = jnp.moveaxis(logp_NxBxC, 0, 1).reshape(b, n * chunk_size)[:, :t]
+    return jnp.take_along_axis(sorted_BxT, jnp.argsort(order_BxT, axis=1), axis=1)
 
 
 def masked_sum(logp_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -54,3 +90,4 @@ def masked_sum(logp_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax
     mask = mask_BxT.astype(jnp.float32)
     total_B = jnp.sum(jnp.where(mask > 0, logp_BxT * mask, 0.0), axis=1)
     return total_B, jnp.sum(mask, axis=1)
+

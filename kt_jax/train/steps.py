@@ -28,9 +28,11 @@ LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def batch_logprobs(model: Any, batch: SeqBatch, *, chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
-    """[B, T] float32 log-probs of `batch.targets` under `model` (packed segments attend within themselves)."""
+    """[B, T] float32 log-probs of `batch.targets` under `model` where `loss_mask` counts (0 elsewhere; packed
+    segments attend within themselves): the LM head runs only on sequence chunks holding counted targets."""
     hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
-    return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), batch.targets, chunk_size=chunk_size)
+    return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), batch.targets, chunk_size=chunk_size,
+                          where_BxT=batch.loss_mask)
 
 
 def shared_prefix_mask(seq: SeqBatch, group_ids_BxT: jax.Array) -> jax.Array:
@@ -45,7 +47,8 @@ def grouped_logprobs(model: Any, seq: SeqBatch, group_ids_BxT: jax.Array, *, chu
                      ) -> jax.Array:
     """[B, T] float32 target log-probs of rows whose segments share their group's prefix (`packing.Group`)."""
     hidden_BxTxD = model.hidden_states(seq.input_ids, seq.positions, None, shared_prefix_mask(seq, group_ids_BxT))
-    return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), seq.targets, chunk_size=chunk_size)
+    return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), seq.targets, chunk_size=chunk_size,
+                          where_BxT=seq.loss_mask)
 
 
 def sft_loss(model: Any, batch: SeqBatch | SharedPrefixBatch, *, chunk_size: int = DEFAULT_CHUNK
