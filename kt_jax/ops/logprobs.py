@@ -36,10 +36,11 @@ def token_logprobs(
     b, t = hidden_BxTxD.shape[:2]
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if t <= chunk_size:  # one chunk: nothing to skip, and no sort or gather to pay for
+        logp_BxT = _chunk_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT)
+        return logp_BxT if where_BxT is None else jnp.where(where_BxT > 0, logp_BxT, 0.0)
     if where_BxT is not None:
         return _sparse_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT, where_BxT > 0, chunk_size)
-    if t <= chunk_size:
-        return _chunk_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT)
     n = -(-t // chunk_size)
     hidden_NxBxCxD, targets_NxBxC = _to_chunks(hidden_BxTxD, n, chunk_size), _to_chunks(targets_BxT, n, chunk_size)
     step = jax.checkpoint(lambda xs: _chunk_logprobs(xs[0], lm_head_DxV, xs[1]))
