@@ -43,6 +43,7 @@ from jax.sharding import Mesh
 from kt_jax.data.packing import Bins, Group, Packed, Segment, bucket_length, pack_arrays
 from kt_jax.data.templates import encode_pair, prompt_text
 from kt_jax.errors import ConfigError
+from kt_jax.model.attention import shared_prefix_mask
 from kt_jax.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from kt_jax.sharding import Throttle, batch_axis_size, to_device, to_host
 
@@ -148,9 +149,7 @@ def _gather(packed: Packed) -> ScoreBatch:
 def _score_rows(graphdef: Any, state: Any, batch: ScoreBatch, *, chunk_size: int) -> jax.Array:
     """Target log-probs [B, K] at the gathered scored positions (0 where invalid), prefix-sharing block mask."""
     model = nnx.merge(graphdef, state)
-    group, seg = batch.group_ids, batch.segment_ids
-    same_group = group[:, :, None] == group[:, None, :]
-    allowed_BxTxT = same_group & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+    allowed_BxTxT = shared_prefix_mask(batch.segment_ids, batch.group_ids)
     hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, None, allowed_BxTxT)
     hidden_BxKxD = jnp.take_along_axis(hidden_BxTxD, batch.gather_idx[:, :, None], axis=1)
     logp_BxK = token_logprobs(hidden_BxKxD, model.lm_head_kernel(), batch.gather_targets, chunk_size=chunk_size)

@@ -62,6 +62,13 @@ def attention_mask(
     return mask
 
 
+def shared_prefix_mask(segment_ids_BxT: jax.Array, group_ids_BxT: jax.Array) -> jax.Array:
+    """Boolean [B, T, T] keys each query may see (before causality) in rows of groups that share a prefix
+    (`data.packing.Group`): its group's prefix (segment 0) and its own segment; padding (group 0) sees padding."""
+    seg, group = segment_ids_BxT, group_ids_BxT
+    return (group[:, :, None] == group[:, None, :]) & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+
+
 def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array, *,
                   kv_layout: str = "bskd") -> jax.Array:
     """Grouped-query softmax attention in float32 logits; returns [B, T, H, D] in the query dtype.

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from kt_jax.data.batch import Batch, GroupedPreferenceBatch, PreferenceBatch, SeqBatch, SharedPrefixBatch
+from kt_jax.model.attention import shared_prefix_mask
 from kt_jax.ops.logprobs import DEFAULT_CHUNK, masked_sum, token_logprobs
 from kt_jax.ops.losses import dpo_loss, masked_mean_nll
 from kt_jax.train.config import DPOConfig
@@ -35,18 +36,11 @@ def batch_logprobs(model: Any, batch: SeqBatch, *, chunk_size: int = DEFAULT_CHU
                           where_BxT=batch.loss_mask)
 
 
-def shared_prefix_mask(seq: SeqBatch, group_ids_BxT: jax.Array) -> jax.Array:
-    """[B, T, T] keys each query may see (before causality): its group's shared prefix (segment 0) and its own
-    segment; padding (group 0) sees only padding."""
-    seg = seq.segment_ids
-    return (group_ids_BxT[:, :, None] == group_ids_BxT[:, None, :]) & (
-        (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
-
-
 def grouped_logprobs(model: Any, seq: SeqBatch, group_ids_BxT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK
                      ) -> jax.Array:
     """[B, T] float32 target log-probs of rows whose segments share their group's prefix (`packing.Group`)."""
-    hidden_BxTxD = model.hidden_states(seq.input_ids, seq.positions, None, shared_prefix_mask(seq, group_ids_BxT))
+    allowed_BxTxT = shared_prefix_mask(seq.segment_ids, group_ids_BxT)
+    hidden_BxTxD = model.hidden_states(seq.input_ids, seq.positions, None, allowed_BxTxT)
     return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), seq.targets, chunk_size=chunk_size,
                           where_BxT=seq.loss_mask)
 
