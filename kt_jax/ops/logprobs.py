@@ -91,4 +91,3 @@ def masked_sum(logp_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax
     mask = mask_BxT.astype(jnp.float32)
     total_B = jnp.sum(jnp.where(mask > 0, logp_BxT * mask, 0.0), axis=1)
     return total_B, jnp.sum(mask, axis=1)
-
