@@ -28,6 +28,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="sequences per forward")
     parser.add_argument("--max-len", type=int, default=1024)
     args = parser.parse_args()
+    from kt_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # the malloc settings `kt-jax score` runs under, so both processes allocate alike
 
     import torch
     import transformers

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from kt_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before any JAX thread allocates (see kt_jax.host_memory)
     if not argv or argv[0] not in COMMANDS:  # top-level options only: help, version, or an unknown command
         parser = build_parser()
         args = parser.parse_args(argv)
