@@ -34,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from kt_jax.host_memory import keep_freed_memory
+    if argv is None:  # the kt-jax program, not a caller's process: before any JAX thread allocates
+        from kt_jax.host_memory import keep_freed_memory
 
-    keep_freed_memory()  # before any JAX thread allocates (see kt_jax.host_memory)
+        keep_freed_memory()
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:  # top-level options only: help, version, or an unknown command
         parser = build_parser()
         args = parser.parse_args(argv)

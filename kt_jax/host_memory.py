@@ -10,7 +10,8 @@ keep the memory for reuse: one arena (`M_ARENA_MAX`), no mmap'd chunks (`M_MMAP_
 --modes full --skip-torch`): 0.54 -> 0.43 s per step, 2.26M -> 0.37M page faults, peak RSS 1.38 -> 1.63 GB
 (tcmalloc through LD_PRELOAD: 0.40 s). Details in docs/DESIGN.md "Speed on CPU".
 
-Every `kt-jax` command applies it before JAX starts its threads (threads keep the arena they first used);
+The `kt-jax` program applies it before JAX starts its threads (threads keep the arena they first used; `cli.main`
+called from Python, as the tests do, leaves the caller's process alone);
 `KT_JAX_HOST_MALLOC=system` keeps glibc's defaults. It does nothing where libc is not glibc, or under another
 allocator (an LD_PRELOAD of tcmalloc or jemalloc takes the malloc calls, and its mallopt does not exist or is a no-op).
 """
@@ -25,6 +26,7 @@ ENV = "KT_JAX_HOST_MALLOC"
 # glibc's malloc.h parameter numbers
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+_kept = False
 
 
 def keep_freed_memory() -> bool:
@@ -42,4 +44,11 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    global _kept
+    _kept = all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    return _kept
+
+
+def describe() -> str:
+    """What this process's host malloc does, for run reports."""
+    return "freed memory kept (kt_jax.host_memory)" if _kept else "system defaults"

@@ -52,3 +52,12 @@ def test_system_setting_keeps_glibc_defaults() -> None:
     applied, faults = _second_allocation("system")
     assert not applied
     assert faults > pages // 2, faults  # glibc mmaps a buffer this large and unmaps it on free: every page again
+
+
+def test_the_program_keeps_freed_memory_and_a_python_caller_is_left_alone() -> None:
+    code = ("import sys; from kt_jax import cli, host_memory; sys.argv = ['kt-jax', '--version']; "
+            "cli.main(['--version']); print(host_memory.describe()); cli.main(); print(host_memory.describe())")
+    env = {k: v for k, v in os.environ.items() if k not in ("KT_JAX_HOST_MALLOC", "LD_PRELOAD")}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert lines[1] == "system defaults" and lines[3].startswith("freed memory kept"), lines

@@ -73,7 +73,8 @@ def _search(searched: list[dict[str, Any]], labels: dict[str, str]) -> list[str]
 def timing_line(timing: dict[str, Any]) -> str:
     """How long the run took (stages skipped as up to date take no time) and the machine's measured matmul rate."""
     return (f"This invocation took {timing['seconds']:.0f} s on {timing['backend']}, whose jax float32 2048^3 matmul "
-            f"measured {timing['matmul_gflops']:.0f} GFLOP/s at the start (scale by that rate to compare machines).")
+            f"measured {timing['matmul_gflops']:.0f} GFLOP/s at the start (scale by that rate to compare machines)."
+            + (f" Host malloc: {timing['host_malloc']}." if timing.get("host_malloc") else ""))
 
 
 def write_report(path: Path, name: str, run_dir: Path, metrics: dict[str, dict[str, float]],

@@ -278,10 +278,12 @@ class Pipeline:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
+        from kt_jax import host_memory
         from kt_jax.plan import measured_matmul_gflops
 
         start = time.perf_counter()
-        machine = {"matmul_gflops": round(measured_matmul_gflops(), 1), "backend": jax_backend()}
+        machine = {"matmul_gflops": round(measured_matmul_gflops(), 1), "backend": jax_backend(),
+                   "host_malloc": host_memory.describe()}
         save_config(self.cfg, self.dir / "config.yaml")
         if self.source == "pretrain":
             self.world()
