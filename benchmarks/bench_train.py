@@ -15,7 +15,9 @@ FLOPs per token: 6N (full) or 4N (LoRA: no weight gradients) with N the matmul p
 excluded, LM head included), plus attention 12·L·T·d (full T x T scores, fwd + bwd). DPO's reference forward in
 PyTorch is extra work not counted in the FLOP/s (it is in its step time).
 Both float32 matmul peaks (jax and torch, 2048^3) and the machine's load average are printed first: other jobs
-on the same cores lower every number.
+on the same cores lower every number. The two sides' steps alternate (kt-jax, PyTorch, kt-jax, ...) and each
+side's median over --steps is reported, so a machine that speeds up or slows down during the run (common on shared
+2-core VMs) moves both alike.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +60,10 @@ def pref_batch(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, 
     return out
 
 
-def jax_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
-    """Median seconds per kt-jax train step (mode: full | lora | dpo)."""
+def jax_stepper(args: argparse.Namespace, mode: str, hf_dir: Path) -> Callable[[], None]:
+    """One kt-jax train step per call, blocking until done (mode: full | lora | dpo); compiled before it returns."""
+    import jax
     import jax.numpy as jnp
-    from common import time_train_steps
 
     from kt_jax.data.batch import PreferenceBatch, SeqBatch
     from kt_jax.model.hf import load_pretrained
@@ -83,11 +86,18 @@ def jax_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
     side = lambda p: SeqBatch(**{k[len(p):]: v for k, v in batch.items() if k.startswith(p)})
     typed = (PreferenceBatch(side("chosen_"), side("rejected_"), batch["ref_chosen_logps"], batch["ref_rejected_logps"])
              if mode == "dpo" else SeqBatch(**batch))
-    return time_train_steps(ts, step, to_device(stack_micro([typed]), None), args.steps)[0]
+    micro = to_device(stack_micro([typed]), None)
+
+    def one_step() -> None:
+        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen, micro)
+        jax.block_until_ready(metrics["loss"])
+
+    one_step()  # compiles
+    return one_step
 
 
-def torch_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
-    """Median seconds per PyTorch step (transformers + peft), same model, batch and optimizer."""
+def torch_stepper(args: argparse.Namespace, mode: str, hf_dir: Path) -> Callable[[], None]:
+    """One PyTorch step per call (transformers + peft), same model, batch and optimizer; warmed up once."""
     import torch
     import transformers
 
@@ -132,13 +142,20 @@ def torch_step_time(args: argparse.Namespace, mode: str, hf_dir: Path) -> float:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    times = []
-    for i in range(args.steps + 1):
-        t0 = time.perf_counter()
-        one_step()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    one_step()
+    return one_step
+
+
+def interleaved_medians(steppers: list[Callable[[], None]], rounds: int) -> list[float]:
+    """Median seconds per call of each stepper, called in turn round after round, so that a change in the machine's
+    speed during the run (other jobs, clock changes) reaches every side alike."""
+    times: list[list[float]] = [[] for _ in steppers]
+    for _ in range(rounds):
+        for fn, out in zip(steppers, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def main() -> int:
@@ -180,9 +197,10 @@ def main() -> int:
     rows = []
     for mode in args.modes.split(","):
         lora = mode != "full"
-        jt = jax_step_time(args, mode, hf_dir)
-        tt = None if args.skip_torch else torch_step_time(args, mode, hf_dir)
-        rows.append((mode, jt, tt, flops_per_token(args, lora) * tokens))
+        steppers = [jax_stepper(args, mode, hf_dir)] + ([] if args.skip_torch else [torch_stepper(args, mode, hf_dir)])
+        jt, *tt = interleaved_medians(steppers, args.steps)
+        rows.append((mode, jt, tt[0] if tt else None, flops_per_token(args, lora) * tokens))
+        del steppers
     print(f"\n| step ({tokens} tok) | kt-jax s/step | kt-jax tok/s | kt-jax % peak | PyTorch s/step | PyTorch tok/s "
           f"| PyTorch % peak | kt-jax / PyTorch |")
     print("|---|---|---|---|---|---|---|---|")

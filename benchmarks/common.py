@@ -53,21 +53,6 @@ def best_seconds(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float
     return best
 
 
-def time_train_steps(ts: Any, step: Callable[..., Any], micro: Any, steps: int) -> tuple[float, Any]:
-    """(median seconds per step, last metrics) of `steps` jitted train steps after one compiling call."""
-    import jax
-    import numpy as np
-
-    times, metrics = [], None
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        ts.params, ts.opt_state, metrics = step(ts.params, ts.opt_state, ts.frozen, micro)
-        jax.block_until_ready(metrics["loss"])
-        if i:  # the first call compiles
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times)), metrics
-
-
 def matmul_peak_jax(n: int = 2048, reps: int = 5) -> float:
     """float32 FLOP/s of a jitted n x n x n matmul with jax on the default device (best of reps): the rate the
     run reports print (`kt_jax.plan.measured_matmul_gflops`)."""
