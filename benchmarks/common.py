@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kt_jax.host_memory import keep_freed_memory
+from kt_jax import host_memory
 
-# What every kt-jax command does before JAX starts its threads; in one process it applies to both sides of a
+# What the kt-jax program does before JAX starts its threads; in one process it applies to both sides of a
 # comparison (PyTorch's CPU allocator uses the same malloc), and Peak.line says whether it took effect.
-HOST_MALLOC_KEPT = keep_freed_memory()
+host_memory.keep_freed_memory()
 
 # ~58M parameters: Llama-2 vocabulary, 8 layers of width 512 (the size the issues ask benchmarks to use)
 BENCH_LLAMA_60M: dict[str, Any] = dict(
@@ -82,8 +82,7 @@ class Peak:
 
     def line(self) -> str:
         return (f"float32 matmul peak (2048^3, best of 5): jax {self.jax / 1e9:.1f} GFLOP/s, "
-                f"torch {self.torch / 1e9:.1f} GFLOP/s; host malloc: "
-                f"{'freed memory kept (kt_jax.host_memory)' if HOST_MALLOC_KEPT else 'system defaults'}")
+                f"torch {self.torch / 1e9:.1f} GFLOP/s; host malloc: {host_memory.describe()}")
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> Peak:

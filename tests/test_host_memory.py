@@ -32,8 +32,15 @@ print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+PAGES = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("KT_JAX_HOST_MALLOC", "LD_PRELOAD")}
+
+
 def _second_allocation(setting: str | None) -> tuple[bool, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KT_JAX_HOST_MALLOC", "LD_PRELOAD")}
+    env = _clean_env()
     if setting is not None:
         env["KT_JAX_HOST_MALLOC"] = setting
     out = subprocess.run([sys.executable, "-c", SECOND_ALLOCATION_FAULTS], env=env, capture_output=True, text=True,
@@ -42,26 +49,23 @@ def _second_allocation(setting: str | None) -> tuple[bool, int]:
 
 
 def test_freed_memory_is_reused_without_page_faults() -> None:
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     applied, faults = _second_allocation(None)
     assert applied
-    assert faults < pages // 20, faults  # the same pages again
+    assert faults < PAGES // 20, faults  # the same pages again
 
 
 def test_system_setting_keeps_glibc_defaults() -> None:
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     applied, faults = _second_allocation("system")
     assert not applied
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[always]" in thp.read_text():
         return  # fresh mappings come as 2 MiB pages: few faults either way
-    assert faults > pages // 2, faults  # glibc mmaps a buffer this large and unmaps it on free: every page again
+    assert faults > PAGES // 2, faults  # glibc mmaps a buffer this large and unmaps it on free: every page again
 
 
 def test_the_program_keeps_freed_memory_and_a_python_caller_is_left_alone() -> None:
     code = ("import sys; from kt_jax import cli, host_memory; sys.argv = ['kt-jax', '--version']; "
             "cli.main(['--version']); print(host_memory.describe()); cli.main(); print(host_memory.describe())")
-    env = {k: v for k, v in os.environ.items() if k not in ("KT_JAX_HOST_MALLOC", "LD_PRELOAD")}
-    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    lines = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True,
                            check=True).stdout.splitlines()
     assert lines[1] == "system defaults" and lines[3].startswith("freed memory kept"), lines
