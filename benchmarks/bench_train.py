@@ -74,7 +74,8 @@ def jax_stepper(args: argparse.Namespace, mode: str, hf_dir: Path) -> Callable[[
     from kt_jax.train.state import create_state
     from kt_jax.train.steps import make_dpo_loss, make_sft_loss, make_train_step
 
-    model = load_pretrained(hf_dir, dtype=getattr(jnp, args.dtype), param_dtype=jnp.float32)
+    model = load_pretrained(hf_dir, dtype=getattr(jnp, args.dtype), param_dtype=jnp.float32,
+                            backward_dots=args.backward_dots)
     if mode in ("lora", "dpo"):
         apply_lora(model, LoRAConfig())
     tx = make_optimizer(OptimConfig(learning_rate=1e-5), 1000)
@@ -171,6 +172,8 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="kt-jax compute dtype")
     p.add_argument("--modes", default="full,lora,dpo")
+    p.add_argument("--backward-dots", default="auto", choices=["auto", "explicit", "autodiff"],
+                   help="kt-jax's matmul backward (kt_jax.ops.matmul); auto = explicit on CPU")
     p.add_argument("--skip-torch", action="store_true")
     args = p.parse_args()
     import tempfile

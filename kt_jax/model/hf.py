@@ -166,16 +166,18 @@ def load_pretrained(
     param_dtype: Any = None,
     remat: bool = False,
     attention: str = "xla",
+    backward_dots: str = "auto",
 ) -> Llama:
     """Load a HF Llama directory onto `mesh` (each device reads only its own slice of each tensor).
 
-    `attention` picks the attention backend (xla | splash | cudnn | auto; see kt_jax.model.attention).
+    `attention` picks the attention backend (xla | splash | cudnn | auto; see kt_jax.model.attention);
+    `backward_dots` whether each matmul's backward is written out (auto | explicit | autodiff; kt_jax.ops.matmul).
     """
     path = Path(path)
     config_file = path / "config.json"
     hf = read_json_file(config_file, error=CheckpointError, what="a HF model directory")
     cfg = config_from_hf(hf, str(config_file), dtype=dtype, param_dtype=param_dtype)
-    cfg = cfg.replace(remat=remat, attention=attention)
+    cfg = cfg.replace(remat=remat, attention=attention, backward_dots=backward_dots)
     files = _weight_files(path)
     ctx = ShardContext(mesh) if mesh is not None else None
     abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0), shard_ctx=ctx))

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from kt_jax.errors import CheckpointError
 from kt_jax.model.attention import BACKENDS, attention, dot_attention
 from kt_jax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from kt_jax.ops.matmul import BACKWARD_DOTS, explicit_backward_for, matmul
 from kt_jax.sharding import RULES, ShardingRules, logical_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,6 +40,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     remat: bool = False  # rematerialise each block in the backward pass
     attention: str = "xla"  # xla | splash | cudnn | auto (kt_jax.model.attention)
+    backward_dots: str = "auto"  # auto | explicit | autodiff: the matmul backward kt_jax.ops.matmul writes out (CPU)
     hf_extra_json: str = "{}"  # config.json fields kept only to write them back on export
 
     def __post_init__(self) -> None:
@@ -49,6 +51,9 @@ class LlamaConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise CheckpointError(f"{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+        if self.backward_dots not in BACKWARD_DOTS:
+            raise CheckpointError(
+                f"backward_dots={self.backward_dots!r}; choose one of {', '.join(BACKWARD_DOTS)}")
         if self.attention not in BACKENDS:
             raise CheckpointError(f"attention={self.attention!r}; choose one of {', '.join(BACKENDS)}")
 
@@ -103,9 +108,11 @@ class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: LlamaConfig, rngs: nnx.Rngs):
         self.kernel = _param(rngs, (d_in, d_out), axes, DTYPES[cfg.param_dtype])
         self.dtype = DTYPES[cfg.dtype]
+        self.explicit_backward = explicit_backward_for(cfg.backward_dots)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
+        kernel = self.kernel.get_value().astype(self.dtype)
+        return matmul(x.astype(self.dtype), kernel, explicit_backward=self.explicit_backward)
 
 
 class RMSNorm(nnx.Module):
@@ -303,6 +310,11 @@ class Llama(nnx.Module):
             new_k.append(_constrain(ctx, k, _CACHE_AXES))
             new_v.append(_constrain(ctx, v, _CACHE_AXES))
         return self.norm(x), KVCache(tuple(new_k), tuple(new_v), valid_BxS)
+
+    @property
+    def explicit_backward(self) -> bool:
+        """Whether the backward of every matmul, the LM head's included, is written out (`kt_jax.ops.matmul`)."""
+        return explicit_backward_for(self.config.backward_dots)
 
     def lm_head_kernel(self) -> jax.Array:
         """The output projection [D, V] in the compute dtype (the embedding transposed when tied)."""

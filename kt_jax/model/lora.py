@@ -22,6 +22,7 @@ from flax import nnx
 
 from kt_jax.errors import ConfigError
 from kt_jax.model.llama import Linear, Llama
+from kt_jax.ops.matmul import matmul
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -60,6 +61,7 @@ class LoRALinear(nnx.Module):
         axes = tuple(base.kernel.get_metadata().get("logical_axes"))
         self.kernel = base.kernel
         self.dtype = base.dtype
+        self.explicit_backward = base.explicit_backward
         self.scale = alpha / rank
         self.enabled = True
         bound = 1.0 / float(d_in) ** 0.5  # kaiming-uniform(a=sqrt(5)) as peft initialises A
@@ -69,11 +71,11 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel.get_value().astype(self.dtype))
+        dot = lambda a, w: matmul(a, w.get_value().astype(self.dtype), explicit_backward=self.explicit_backward)
+        y = dot(x, self.kernel)
         if not self.enabled:
             return y
-        low = jnp.dot(x, self.lora_a.get_value().astype(self.dtype))
-        return y + self.scale * jnp.dot(low, self.lora_b.get_value().astype(self.dtype))
+        return y + self.scale * dot(dot(x, self.lora_a), self.lora_b)
 
     def merged_kernel(self) -> jax.Array:
         """W + scale · A @ B in float32, cast to the base kernel's dtype."""

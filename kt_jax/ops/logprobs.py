@@ -12,12 +12,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kt_jax.ops.matmul import matmul
+
 DEFAULT_CHUNK = 128  # sequence positions per chunk: [B, 128, V] float32 logits live at a time
 
 
-def _chunk_logprobs(hidden_BxCxD: jax.Array, lm_head_DxV: jax.Array, targets_BxC: jax.Array) -> jax.Array:
+def _chunk_logprobs(hidden_BxCxD: jax.Array, lm_head_DxV: jax.Array, targets_BxC: jax.Array, explicit_backward: bool
+                    ) -> jax.Array:
     """log softmax(h @ W)[target] for one chunk, in float32."""
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, lm_head_DxV, preferred_element_type=jnp.float32)
+    logits_BxCxV = matmul(hidden_BxCxD, lm_head_DxV, explicit_backward=explicit_backward, out_dtype=jnp.float32)
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return target_BxC - lse_BxC
@@ -25,25 +28,26 @@ def _chunk_logprobs(hidden_BxCxD: jax.Array, lm_head_DxV: jax.Array, targets_BxC
 
 def token_logprobs(
     hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, targets_BxT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK,
-    where_BxT: jax.Array | None = None,
+    where_BxT: jax.Array | None = None, explicit_backward: bool = False,
 ) -> jax.Array:
     """log p(targets[b, t] | hidden[b, t]) as float32 [B, T], computed chunk by chunk over the sequence.
 
     Works under jit and grad (w.r.t. hidden and lm_head). Targets must lie in [0, V); positions without a
     real target should hold any valid id (e.g. 0) and be masked by the caller. With `where_BxT`, only the
     positions where it is > 0 are computed (the others are 0): `_sparse_logprobs` skips the rest of the LM head.
+    `explicit_backward` writes the LM head's backward out (`kt_jax.ops.matmul`; training passes the model's).
     """
     b, t = hidden_BxTxD.shape[:2]
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if t <= chunk_size:  # one chunk: nothing to skip, and no sort or gather to pay for
-        logp_BxT = _chunk_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT)
+        logp_BxT = _chunk_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT, explicit_backward)
         return logp_BxT if where_BxT is None else jnp.where(where_BxT > 0, logp_BxT, 0.0)
     if where_BxT is not None:
-        return _sparse_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT, where_BxT > 0, chunk_size)
+        return _sparse_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT, where_BxT > 0, chunk_size, explicit_backward)
     n = -(-t // chunk_size)
     hidden_NxBxCxD, targets_NxBxC = _to_chunks(hidden_BxTxD, n, chunk_size), _to_chunks(targets_BxT, n, chunk_size)
-    step = jax.checkpoint(lambda xs: _chunk_logprobs(xs[0], lm_head_DxV, xs[1]))
+    step = jax.checkpoint(lambda xs: _chunk_logprobs(xs[0], lm_head_DxV, xs[1], explicit_backward))
     logp_NxBxC = jax.lax.map(step, (hidden_NxBxCxD, targets_NxBxC))
     return logp_NxBxC.transpose(1, 0, 2).reshape(b, n * chunk_size)[:, :t]
 
@@ -59,7 +63,7 @@ def _to_chunks(x_BxT: jax.Array, n: int, chunk_size: int) -> jax.Array:
 
 
 def _sparse_logprobs(hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, targets_BxT: jax.Array, keep_BxT: jax.Array,
-                     chunk_size: int) -> jax.Array:
+                     chunk_size: int, explicit_backward: bool) -> jax.Array:
     """Target log-probs at the kept positions (0 elsewhere), the LM head skipped where nothing is kept.
 
     Each row's kept positions move to its front (a stable per-row sort: the batch axis and its sharding stay
@@ -76,7 +80,7 @@ def _sparse_logprobs(hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, targets_Bx
     chunks = tuple(_to_chunks(x, n, chunk_size) for x in gathered)
 
     def compute(xs: tuple[jax.Array, ...]) -> jax.Array:
-        return jnp.where(xs[2], _chunk_logprobs(xs[0], lm_head_DxV, xs[1]), 0.0)
+        return jnp.where(xs[2], _chunk_logprobs(xs[0], lm_head_DxV, xs[1], explicit_backward), 0.0)
 
     def step(xs: tuple[jax.Array, ...]) -> jax.Array:
         return jax.lax.cond(jnp.any(xs[2]), compute, lambda x: jnp.zeros(x[2].shape, jnp.float32), xs)

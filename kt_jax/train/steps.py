@@ -33,7 +33,7 @@ def batch_logprobs(model: Any, batch: SeqBatch, *, chunk_size: int = DEFAULT_CHU
     segments attend within themselves): the LM head runs only on sequence chunks holding counted targets."""
     hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
     return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), batch.targets, chunk_size=chunk_size,
-                          where_BxT=batch.loss_mask)
+                          where_BxT=batch.loss_mask, explicit_backward=model.explicit_backward)
 
 
 def grouped_logprobs(model: Any, seq: SeqBatch, group_ids_BxT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK
@@ -42,7 +42,7 @@ def grouped_logprobs(model: Any, seq: SeqBatch, group_ids_BxT: jax.Array, *, chu
     allowed_BxTxT = shared_prefix_mask(seq.segment_ids, group_ids_BxT)
     hidden_BxTxD = model.hidden_states(seq.input_ids, seq.positions, None, allowed_BxTxT)
     return token_logprobs(hidden_BxTxD, model.lm_head_kernel(), seq.targets, chunk_size=chunk_size,
-                          where_BxT=seq.loss_mask)
+                          where_BxT=seq.loss_mask, explicit_backward=model.explicit_backward)
 
 
 def sft_loss(model: Any, batch: SeqBatch | SharedPrefixBatch, *, chunk_size: int = DEFAULT_CHUNK
