@@ -12,6 +12,7 @@ from helpers.hf_fixtures import hf_logits
 
 from kt_jax.data.batch import SeqBatch
 from kt_jax.model.hf import load_pretrained
+from kt_jax.ops import logprobs
 from kt_jax.ops.logprobs import masked_sum, token_logprobs
 from kt_jax.train.steps import batch_logprobs
 
@@ -58,16 +59,26 @@ def test_gradients_match_naive_log_softmax() -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_no_full_vocab_logits_in_chunked_program() -> None:
-    """The compiled program never holds a [B, T, V] float32 buffer when T is chunked."""
+@pytest.mark.parametrize("where", [False, True], ids=["dense", "sparse"])
+def test_logits_stored_only_under_the_budget(where: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above STORED_LOGITS_BYTES the compiled program never holds a [B, T, V] float32 buffer when T is chunked
+    (the backward recomputes each chunk); below it the backward keeps them all instead of a second LM head."""
     b, t, d, v = 2, 64, 8, 1000
     hidden, w, targets = jnp.zeros((b, t, d)), jnp.zeros((d, v)), jnp.zeros((b, t), jnp.int32)
-    fn = lambda h, k: jnp.sum(token_logprobs(h, k, targets, chunk_size=16))
-    hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(hidden, w).compile().as_text()
-    sizes = [int(np.prod([int(x) for x in dims.split(",") if x])) for dims in re.findall(r"f32\[([0-9,]*)\]", hlo)
-             if str(v) in dims.split(",")]
-    assert sizes, "no vocab-sized buffer found: the check would be vacuous"
-    assert max(sizes) <= b * 16 * v, f"a buffer of {max(sizes)} floats holds logits of more than one chunk"
+    keep = jnp.ones((b, t)) if where else None
+    fn = lambda h, k: jnp.sum(token_logprobs(h, k, targets, chunk_size=16, where_BxT=keep))
+
+    def largest_vocab_buffer() -> int:
+        hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(hidden, w).compile().as_text()
+        sizes = [int(np.prod([int(x) for x in dims.split(",") if x]))
+                 for dims in re.findall(r"f32\[([0-9,]*)\]", hlo) if str(v) in dims.split(",")]
+        assert sizes, "no vocab-sized buffer found: the check would be vacuous"
+        return max(sizes)
+
+    assert b * t * v * 4 < logprobs.STORED_LOGITS_BYTES
+    assert largest_vocab_buffer() >= b * t * v  # kept for the backward
+    monkeypatch.setattr(logprobs, "STORED_LOGITS_BYTES", b * t * v * 4 - 1)
+    assert largest_vocab_buffer() <= b * 16 * v, "a buffer holds logits of more than one chunk"
 
 
 def _sparse_mask(b: int, t: int, seed: int) -> np.ndarray:

@@ -3,11 +3,16 @@
 Scoring (fact perplexities, DPO reference log-probs) and training losses (SFT, DPO) all go through
 `token_logprobs`, so a perplexity and a loss computed on the same tokens can never disagree.
 
-Memory: logits exist one sequence chunk at a time ([B, chunk, V] float32). The chunk function is wrapped in
-`jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing all of them.
+Memory: logits exist one sequence chunk at a time ([B, chunk, V] float32). When all of a batch's logits would take
+more than `STORED_LOGITS_BYTES`, the chunk function is wrapped in `jax.checkpoint`, so the backward pass recomputes
+each chunk's logits instead of storing all of them (a 7-8B Llama's vocabulary at any real batch); below it the
+backward keeps them, which saves a second LM-head forward (~6% of a 42M model's LoRA step, measured on CPU).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 from kt_jax.ops.matmul import matmul
 
 DEFAULT_CHUNK = 128  # sequence positions per chunk: [B, 128, V] float32 logits live at a time
+STORED_LOGITS_BYTES = 256 << 20  # the backward keeps a batch's float32 logits up to this size, recomputes above it
 
 
 def _chunk_logprobs(hidden_BxCxD: jax.Array, lm_head_DxV: jax.Array, targets_BxC: jax.Array, explicit_backward: bool
@@ -47,9 +53,14 @@ def token_logprobs(
         return _sparse_logprobs(hidden_BxTxD, lm_head_DxV, targets_BxT, where_BxT > 0, chunk_size, explicit_backward)
     n = -(-t // chunk_size)
     hidden_NxBxCxD, targets_NxBxC = _to_chunks(hidden_BxTxD, n, chunk_size), _to_chunks(targets_BxT, n, chunk_size)
-    step = jax.checkpoint(lambda xs: _chunk_logprobs(xs[0], lm_head_DxV, xs[1], explicit_backward))
+    step = _recomputed(lambda xs: _chunk_logprobs(xs[0], lm_head_DxV, xs[1], explicit_backward), b * t, lm_head_DxV)
     logp_NxBxC = jax.lax.map(step, (hidden_NxBxCxD, targets_NxBxC))
     return logp_NxBxC.transpose(1, 0, 2).reshape(b, n * chunk_size)[:, :t]
+
+
+def _recomputed(step: Callable[[Any], jax.Array], positions: int, lm_head_DxV: jax.Array) -> Callable[[Any], jax.Array]:
+    """`step` under `jax.checkpoint` when `positions` float32 logits over the vocabulary exceed STORED_LOGITS_BYTES."""
+    return jax.checkpoint(step) if positions * lm_head_DxV.shape[-1] * 4 > STORED_LOGITS_BYTES else step
 
 
 def _to_chunks(x_BxT: jax.Array, n: int, chunk_size: int) -> jax.Array:
@@ -85,7 +96,7 @@ def _sparse_logprobs(hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, targets_Bx
     def step(xs: tuple[jax.Array, ...]) -> jax.Array:
         return jax.lax.cond(jnp.any(xs[2]), compute, lambda x: jnp.zeros(x[2].shape, jnp.float32), xs)
 
-    logp_NxBxC = jax.lax.map(jax.checkpoint(step), chunks)
+    logp_NxBxC = jax.lax.map(_recomputed(step, b * t, lm_head_DxV), chunks)
     sorted_BxT = jnp.moveaxis(logp_NxBxC, 0, 1).reshape(b, n * chunk_size)[:, :t]
     return jnp.take_along_axis(sorted_BxT, jnp.argsort(order_BxT, axis=1), axis=1)
 
