@@ -5,7 +5,7 @@ followed by a transpose, which XLA:CPU turns into a plain dot over a transposed 
 copy of the larger operand (for the LM head, g is [tokens, vocab]) and a dot outside the YNNPACK fusions every other
 dot gets. Written out as `dot_general(x, g)` the weight gradient transposes x and runs as a YNNPACK GEMM. Same
 products and dtypes as autodiff (only the order of a sum may differ); only a needed cotangent is computed (a frozen
-kernel gets none, LoRA's base pays nothing). Measured on 2 CPU cores: the 42M SFT step 3.2 -> 2.6 s, the world
+kernel gets none, LoRA's base pays nothing). Measured on 2 CPU cores: the 42M SFT step 3.2 -> 2.7 s, the world
 model's 0.43 -> 0.34 s. TPU and GPU compilers choose their own layouts, so `backward_dots="auto"` writes the backward
 out for the CPU backend alone.
 """
