@@ -262,9 +262,7 @@ def plan_train_step(hf: dict[str, Any], tune: Any, task: Any, mesh: Any, name: s
 
     tune.validate()
     llama_cfg = config_from_hf(hf, name, dtype=getattr(jnp, tune.train.compute_dtype),
-                               param_dtype=getattr(jnp, tune.train.param_dtype))
-    # the accelerator's program: its backend keeps autodiff's matmul backward (kt_jax.ops.matmul is CPU-only)
-    llama_cfg = llama_cfg.replace(remat=tune.train.remat, backward_dots="autodiff")
+                               param_dtype=getattr(jnp, tune.train.param_dtype)).replace(remat=tune.train.remat)
     model = abstract_model(llama_cfg, mesh, tune.lora if tune.finetuning == "lora" else None, tune.train.seed)
     tx = make_optimizer(tune.optim, total_steps=1000)
     ts = abstract_state(model, tx, mesh)
