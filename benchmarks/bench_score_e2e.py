@@ -6,7 +6,8 @@ What a user waits for: each side is a fresh Python process that imports its fram
 tokenizer, reads facts.jsonl, scores every fact given its question and writes scored.jsonl.
 - HF: `benchmarks/hf_score_reference.py` (LlamaForCausalLM with SDPA, per-fact sequences sorted by length and
   right-padded, batch 16).
-- kt-jax: `python -m kt_jax.cli score` with its defaults (prompt once per question, facts as sibling segments).
+- kt-jax: `python -m kt_jax.cli score` with its defaults (template preamble once per row, each question once per
+  group of facts, facts as sibling segments, attention inside each group's window).
   "cold" runs with an empty compilation cache (a first run on a new machine), "warm" with the cache the cold run
   filled (every later run: kt-jax enables JAX's persistent compilation cache).
 Workload: the held-out Dolly questions (../shared/data/knowtuning/dolly_valid.json; synthetic Dolly-like text when
@@ -72,9 +73,10 @@ def read_ppl(path: Path) -> np.ndarray:
 def forward_gflop(facts: Path, model_dir: Path, hf_batch: int) -> tuple[float, float, str]:
     """Forward GFLOP each side computes (matmuls, LM head, attention scores/values), and a breakdown line.
 
-    The ceiling of the end-to-end ratio at equal per-FLOP efficiency is their quotient: kt-jax runs the shared
-    prompts once, the LM head only on its gathered positions (rounded up per row) and attention over its whole
-    packed rows; HF runs every (prompt, fact) sequence padded to its batch's longest, the LM head everywhere.
+    The ceiling of the end-to-end ratio at equal per-FLOP efficiency is their quotient: kt-jax runs the template
+    preamble once per row and each question once per group of facts, the LM head only on its gathered positions
+    (rounded up per row) and attention inside its windows (padding slots included); HF runs every (prompt, fact)
+    sequence padded to its batch's longest, the LM head everywhere.
     """
     from kt_jax.data.templates import alpaca_prompt, encode_pair, question_text
     from kt_jax.data.tokenizer import load_tokenizer
@@ -96,7 +98,7 @@ def forward_gflop(facts: Path, model_dir: Path, hf_batch: int) -> tuple[float, f
     calls = plan([p for p in pairs if p[1]])
     kt_tokens = sum(c.inputs.input_ids.size for c in calls)
     kt_head = sum(c.inputs.gather_idx.size for c in calls)
-    kt_attn = sum(c.inputs.input_ids.shape[0] * c.inputs.input_ids.shape[1] ** 2 for c in calls)
+    kt_attn = sum(c.inputs.windows.allowed.size for c in calls)  # query x key slots of every attention window
     lengths = sorted(len(p) + len(r) for p, r in pairs if r)
     batches = [lengths[i : i + hf_batch] for i in range(0, len(lengths), hf_batch)]
     hf_tokens = sum(len(b) * max(b) for b in batches)

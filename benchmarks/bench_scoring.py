@@ -103,9 +103,10 @@ def kt_scores(model, pairs, *, packing: str, batch_size: int, pack_len: int, max
     opts = dict(max_len=max_len, packing=packing, batch_size=batch_size, pack_len=pack_len)
     calls = scoring.plan(pairs, **opts)
     flops = 0.0
-    for c in calls:
-        (b, t), k = c.inputs["input_ids"].shape, c.inputs["gather_idx"].shape[1]
-        flops += common.forward_flops(model.config, b * t, t, lm_head_tokens=b * k)
+    for c in calls:  # attention: every query x key slot of the call's windows
+        tokens, window_slots = c.inputs.input_ids.size, c.inputs.windows.allowed.size
+        flops += common.forward_flops(model.config, tokens, window_slots / tokens,
+                                      lm_head_tokens=c.inputs.gather_idx.size)
     t0 = time.perf_counter()  # warm-up: compile every call shape the timed run uses
     shapes = scoring.warmup(model, calls)
     compile_s = time.perf_counter() - t0
@@ -124,8 +125,8 @@ def main() -> int:
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--hf-batch", type=int, default=16, help="HF sequences per forward")
     parser.add_argument("--padded-batch", type=int, default=16, help="kt-jax padded rows per call")
-    parser.add_argument("--shared-batch", type=int, default=8, help="kt-jax packed rows per call")
-    parser.add_argument("--pack-len", type=int, default=512)
+    parser.add_argument("--shared-batch", type=int, default=1, help="kt-jax packed rows per call")
+    parser.add_argument("--pack-len", type=int, default=4096, help="kt-jax tokens per packed row")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads for (a)")
     args = parser.parse_args()
     if args.torch_threads:

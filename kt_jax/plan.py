@@ -276,14 +276,18 @@ def plan_train_step(hf: dict[str, Any], tune: Any, task: Any, mesh: Any, name: s
     return plan, ts.num_trainable()
 
 
-def plan_scoring(hf: dict[str, Any], max_len: int, dtype: str, mesh: Any, name: str, batch_size: int = 8) -> StepPlan:
-    """Compile the fact-scoring call (`inference.scoring`) at its largest bucket, model in `dtype`."""
+def plan_scoring(hf: dict[str, Any], max_len: int, dtype: str, mesh: Any, name: str,
+                 batch_size: int | None = None) -> StepPlan:
+    """Compile the fact-scoring call (`inference.scoring`) at a full call of its default layout, model in `dtype`:
+    rows of `DEFAULT_PACK_LEN` tokens, windows of the longest group (`MAX_GROUP_TOKENS`, a 32-token preamble)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from kt_jax.inference.scoring import ScoreBatch, _score_rows
+    from kt_jax.inference.score_layout import MAX_GROUP_TOKENS, QUERY_ROUND, WINDOW_ROUND
+    from kt_jax.inference.scoring import DEFAULT_BATCH, DEFAULT_PACK_LEN, ScoreBatch, _score_rows
+    from kt_jax.model.attention import AttentionWindows
     from kt_jax.model.hf import config_from_hf
     from kt_jax.ops.logprobs import DEFAULT_CHUNK
     from kt_jax.sharding import batch_sharding, state_shardings
@@ -291,12 +295,18 @@ def plan_scoring(hf: dict[str, Any], max_len: int, dtype: str, mesh: Any, name: 
     llama_cfg = config_from_hf(hf, name, dtype=getattr(jnp, dtype))
     graphdef, state = nnx.split(abstract_model(llama_cfg, mesh))
     state = _placed(state, state_shardings(state, mesh))
-    batch = _global_batch(batch_size, mesh)
-    sh = batch_sharding(mesh, 2)
-    ints = jax.ShapeDtypeStruct((batch, max_len), np.int32, sharding=sh)
-    valid = jax.ShapeDtypeStruct((batch, max_len), np.bool_, sharding=sh)
-    inputs = ScoreBatch(ints, ints, ints, ints, ints, ints, valid)
-    return _analyse("scoring", _score_rows, (graphdef, state, inputs), batch * max_len, chunk_size=DEFAULT_CHUNK)
+    batch, length = _global_batch(batch_size or DEFAULT_BATCH, mesh), DEFAULT_PACK_LEN
+    round_up = lambda n, m: -(-n // m) * m
+    q = round_up(min(max_len, MAX_GROUP_TOKENS), QUERY_ROUND)
+    w, s = round_up(length // q + 1, WINDOW_ROUND), q + QUERY_ROUND
+
+    def array(*shape: int, dtype: Any = np.int32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=batch_sharding(mesh, len(shape) + 1))
+
+    windows = AttentionWindows(array(w, q), array(w, s), array(w, q, s, dtype=np.bool_), array(length))
+    inputs = ScoreBatch(array(length), array(length), windows, array(length), array(length),
+                        array(length, dtype=np.bool_))
+    return _analyse("scoring", _score_rows, (graphdef, state, inputs), batch * length, chunk_size=DEFAULT_CHUNK)
 
 
 def load_run_config(path: str, overrides: list[str], model_config: str | None = None) -> Any:

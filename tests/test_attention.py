@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,14 @@ import pytest
 from flax import nnx
 
 from kt_jax.errors import CheckpointError, ConfigError
-from kt_jax.model.attention import attention, resolve_backend, splash_attention
+from kt_jax.model.attention import (
+    AttentionWindows,
+    attention,
+    dot_attention,
+    resolve_backend,
+    splash_attention,
+    windowed_attention,
+)
 from kt_jax.model.llama import Llama, LlamaConfig, ShardContext
 from kt_jax.sharding import state_shardings, to_device
 from kt_jax.train.config import TrainConfig
@@ -145,3 +154,50 @@ def test_attention_setting_is_validated_in_configs() -> None:
     with pytest.raises(ConfigError, match=r"train\.attention"):
         TrainConfig(attention="flash").validate()
     TrainConfig(attention="auto").validate()
+
+
+def random_windows(batch: int, length: int, seed: int) -> tuple[AttentionWindows, np.ndarray, np.ndarray]:
+    """Windows over each row (a 6-token shared head every window sees, then contiguous spans; the last span of a
+    row left out), their equivalent dense [B, T, T] mask, and which positions are queried."""
+    rng = np.random.default_rng(seed)
+    head, q, s = 6, 40, 46
+    spans = []
+    for _ in range(batch):
+        cuts = np.sort(rng.choice(np.arange(head + 4, length - 4), size=4, replace=False))
+        bounds = [head, *cuts.tolist()]
+        spans.append([(a, b) for a, b in itertools.pairwise(bounds) if b - a <= q])
+    w = 1 + max(len(x) for x in spans)
+    query_idx, key_idx = np.zeros((batch, w, q), np.int32), np.zeros((batch, w, s), np.int32)
+    allowed, slot_idx = np.zeros((batch, w, q, s), bool), np.zeros((batch, length), np.int32)
+    dense, queried = np.zeros((batch, length, length), bool), np.zeros((batch, length), bool)
+    for r in range(batch):
+        query_idx[r, 0, :head], key_idx[r, 0, :head], slot_idx[r, :head] = range(head), range(head), range(head)
+        allowed[r, 0, :head, :head] = np.tri(head, dtype=bool)
+        for i, (a, b) in enumerate(spans[r], start=1):
+            n = b - a
+            query_idx[r, i, :n], key_idx[r, i, :head] = range(a, b), range(head)
+            key_idx[r, i, head:head + n] = range(a, b)
+            slot_idx[r, a:b] = i * q + np.arange(n)
+            allowed[r, i, :n, :head] = rng.random((n, head)) < 0.7
+            allowed[r, i, :n, head:head + n] = rng.random((n, n)) < 0.5
+            allowed[r, i, np.arange(n), head + np.arange(n)] = True  # every query sees at least itself
+        sizes = [head] + [b_ - a_ for a_, b_ in spans[r]]
+        for i, n in enumerate(sizes):
+            for j in range(n):
+                pos = query_idx[r, i, j]
+                queried[r, pos] = True
+                dense[r, pos, key_idx[r, i][allowed[r, i, j]]] = True
+    return AttentionWindows(query_idx, key_idx, allowed, slot_idx), dense, queried
+
+
+def test_windowed_attention_matches_dense_attention_with_the_same_mask(mesh: jax.sharding.Mesh) -> None:
+    b, t = 8, 96
+    windows, dense, queried = random_windows(b, t, seed=12)
+    q, k, v = qkv(b, t, 4, 2, 16, seed=13)  # grouped-query: 2 query heads per key/value head
+    expected = np.asarray(dot_attention(q, k, v, jnp.asarray(dense)))
+    q, k, v, windows = to_device((q, k, v, windows), mesh, process_local=False)
+    got = np.asarray(jax.jit(windowed_attention)(q, k, v, windows))
+    assert queried.sum() > b * t // 2 and (~queried).sum() > 0
+    np.testing.assert_allclose(got[queried], expected[queried], atol=2e-6, rtol=0)
+    via_backend = jax.jit(lambda *a: attention(*a, None, None, backend="splash", windows=windows))(q, k, v)
+    np.testing.assert_allclose(np.asarray(via_backend)[queried], got[queried], atol=1e-6, rtol=0)  # xla path

@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=1024, help="prompt + fact token limit (longer facts are cut)")
     parser.add_argument("--packing", default="shared", choices=["shared", "packed", "padded"],
                         help="shared: prompt once per question, facts as sibling segments (fastest)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per jitted call")
-    parser.add_argument("--pack-len", type=int, default=512, help="tokens packed per row")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="rows per jitted call (rounded up to the mesh's batch ways: one row per device)")
+    parser.add_argument("--pack-len", type=int, default=4096, help="tokens packed per row")
     parser.add_argument("--chunk", type=int, default=256, help="input rows scored per write (resume granularity)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
     add_mesh_arguments(parser)

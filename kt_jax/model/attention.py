@@ -12,15 +12,22 @@ Backends (`LlamaConfig.attention`):
   `is_causal=True`.
 - `auto`: splash on TPU, cudnn on GPU, xla elsewhere.
 
-Two cases fall back to `xla` whatever the backend: an extra mask (prefix-shared fact scoring lets every fact
-attend to its question prefix but not to the other facts packed after it; segment ids cannot say that), and the
-KV-cache path used by sampling (queries against a cache of a different length with a validity mask).
+Three cases fall back to `xla` whatever the backend: an extra mask (grouped preference rows let every answer
+attend to its prompt but not to the other answers packed after it; segment ids cannot say that), attention
+windows (`AttentionWindows`: prefix-shared fact scoring), and the KV-cache path used by sampling (queries against a
+cache of a different length with a validity mask).
+
+Attention windows: a packed row's attention is computed inside windows of its positions instead of over the
+whole row: each window gathers its queries and keys, and attends with its own [Q, S] mask. A row of many short
+groups (fact scoring: a question and its facts) costs the sum of its windows' Q x S score blocks instead of T x T:
+on CPU the softmax over masked-out scores cost more time than the whole model's matmuls (`docs/DESIGN.md`).
 Segment ids are compared for equality only: padding (segment 0) attends to padding, as in the xla mask; mask
 padded positions in the loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -85,6 +92,50 @@ def dot_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Arr
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
     out_BxTxKxGxD = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v_BxSxKxD)
     return out_BxTxKxGxD.reshape(b, t, h, d)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionWindows:
+    """Where attention runs in each row of [B, T]: W windows of Q query slots and S key slots.
+
+    Every position of a row that needs an output is the query of exactly one window slot; padding slots point at
+    any position and are masked out. `allowed` carries the whole mask (causality included), so a window can share
+    keys with others (a prompt preamble every window sees) without any order between them.
+    """
+
+    query_idx: Any  # [B, W, Q] row position of each query slot
+    key_idx: Any  # [B, W, S] row position of each key slot
+    allowed: Any  # [B, W, Q, S] bool: the query slot attends to the key slot
+    slot_idx: Any  # [B, T] the query slot (w * Q + q) holding each row position; positions in no window: any slot
+
+
+def windowed_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array,
+                       windows: AttentionWindows) -> jax.Array:
+    """Attention [B, T, H, D] computed window by window (`AttentionWindows`); rows stay on their own device.
+
+    Head-major throughout (one transpose of q/k/v and of the output), so the two batched dots contract without
+    copies, and the softmax is normalised after the value dot (one pass less over the [Q, S] scores): 10-30%
+    faster on CPU than `dot_attention` on gathered windows, equal to float32 rounding.
+    """
+    b, _, h, d = q_BxTxHxD.shape
+    kv = k_BxTxKxD.shape[2]
+    _, w, nq = windows.query_idx.shape
+    ns = windows.key_idx.shape[2]
+
+    def take(x_BxHxTxD: jax.Array, idx: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(x_BxHxTxD, idx.reshape(b, 1, -1, 1), axis=2)
+
+    q_BxHxTxD, k_BxKxTxD, v_BxKxTxD = (x.transpose(0, 2, 1, 3) for x in (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD))
+    q = take(q_BxHxTxD, windows.query_idx).reshape(b, kv, h // kv, w, nq, d)
+    k = take(k_BxKxTxD, windows.key_idx).reshape(b, kv, w, ns, d)
+    v = take(v_BxKxTxD, windows.key_idx).reshape(b, kv, w, ns, d)
+    scores = jnp.einsum("bkgwqd,bkwsd->bkgwqs", q, k, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(d))
+    scores = jnp.where(windows.allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.einsum("bkgwqs,bkwsd->bkgwqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(q_BxTxHxD.dtype)
+    return take(out.reshape(b, h, w * nq, d), windows.slot_idx).transpose(0, 2, 1, 3)
 
 
 def _splash_kernel(heads: int, length: int, interpret: bool) -> tuple[Any, Any]:
@@ -178,11 +229,15 @@ def attention(
     backend: str = "xla",
     mesh: Mesh | None = None,
     rules: ShardingRules = RULES,
+    windows: AttentionWindows | None = None,
 ) -> jax.Array:
-    """Causal self-attention [B, T, H, D] within equal segment ids (and `extra_mask`), by `backend`.
+    """Causal self-attention [B, T, H, D] within equal segment ids (and `extra_mask`), by `backend`; or, with
+    `windows`, exactly what the windows allow (segment ids and extra mask unused).
 
-    An extra mask always takes the xla path (see the module docstring).
+    An extra mask or windows always take the xla path (see the module docstring).
     """
+    if windows is not None:
+        return windowed_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, windows)
     platform = mesh.devices.flat[0].platform if mesh is not None else None
     backend = resolve_backend(backend, platform)
     if backend == "splash" and extra_mask_BxTxT is None:

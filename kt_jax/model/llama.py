@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kt_jax.errors import CheckpointError
-from kt_jax.model.attention import BACKENDS, attention, dot_attention
+from kt_jax.model.attention import BACKENDS, AttentionWindows, attention, dot_attention
 from kt_jax.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from kt_jax.ops.matmul import BACKWARD_DOTS, explicit_backward_for, matmul
 from kt_jax.sharding import RULES, ShardingRules, logical_sharding
@@ -142,6 +142,7 @@ class Attention(nnx.Module):
     def __call__(
         self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxT: jax.Array | None,
         extra_mask_BxTxT: jax.Array | None, ctx: ShardContext | None = None,
+        windows: AttentionWindows | None = None,
     ) -> jax.Array:
         b, t, _ = x_BxTxD.shape
         q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
@@ -149,7 +150,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mesh, rules = (ctx.mesh, ctx.rules) if ctx is not None else (None, RULES)
-        out_BxTxHxD = attention(q, k, v, segment_ids_BxT, extra_mask_BxTxT, self.backend, mesh, rules)
+        out_BxTxHxD = attention(q, k, v, segment_ids_BxT, extra_mask_BxTxT, self.backend, mesh, rules, windows)
         return self.o_proj(out_BxTxHxD.reshape(b, t, self.num_heads * self.head_dim))
 
     def cached(
@@ -195,9 +196,11 @@ class Block(nnx.Module):
 
     def __call__(
         self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxT: jax.Array | None,
-        extra_mask_BxTxT: jax.Array | None, ctx: ShardContext | None = None,
+        extra_mask_BxTxT: jax.Array | None, windows: AttentionWindows | None = None,
+        ctx: ShardContext | None = None,
     ) -> jax.Array:
-        attn = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, segment_ids_BxT, extra_mask_BxTxT, ctx)
+        attn = self.self_attn(self.input_layernorm(x_BxTxD), cos, sin, segment_ids_BxT, extra_mask_BxTxT, ctx,
+                              windows)
         x_BxTxD = x_BxTxD + attn
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
@@ -211,7 +214,7 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), k, v
 
 
-def _rematerialised(block: Block, *args: jax.Array | None, ctx: ShardContext | None = None) -> jax.Array:
+def _rematerialised(block: Block, *args: Any, ctx: ShardContext | None = None) -> jax.Array:
     """`block(*args)` whose activations are recomputed in the backward pass.
 
     A pure `jax.checkpoint` over the block's split state: `nnx.remat` writes the block's variables back to the
@@ -261,11 +264,13 @@ class Llama(nnx.Module):
         positions_BxT: jax.Array | None = None,
         segment_ids_BxT: jax.Array | None = None,
         attn_mask_BxTxT: jax.Array | None = None,
+        windows: AttentionWindows | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D] in the compute dtype.
 
         positions restart per packed segment (default 0..T-1); attention stays causal, inside equal
-        segment ids, and inside `attn_mask` (e.g. prefix-shared scoring) when given.
+        segment ids, and inside `attn_mask` (e.g. grouped preference rows) when given; with `windows`
+        (prefix-shared fact scoring), exactly as the windows say.
         """
         cfg, ctx = self.config, self.shard_ctx
         b, t = input_ids_BxT.shape
@@ -273,7 +278,7 @@ class Llama(nnx.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
         x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
         for block in self.layers:
-            args = (x, cos, sin, segment_ids_BxT, attn_mask_BxTxT)
+            args = (x, cos, sin, segment_ids_BxT, attn_mask_BxTxT, windows)
             x = _rematerialised(block, *args, ctx=ctx) if cfg.remat else block(*args, ctx=ctx)
             x = _constrain(ctx, x, ("batch", "seq", "act_embed"))
         return self.norm(x)
