@@ -285,7 +285,7 @@ def plan_scoring(hf: dict[str, Any], max_len: int, dtype: str, mesh: Any, name: 
     import numpy as np
     from flax import nnx
 
-    from kt_jax.inference.score_layout import MAX_GROUP_TOKENS, QUERY_ROUND, WINDOW_ROUND
+    from kt_jax.inference.score_layout import MAX_GROUP_TOKENS, QUERY_ROUND, WINDOW_ROUND, ladder
     from kt_jax.inference.scoring import DEFAULT_BATCH, DEFAULT_PACK_LEN, ScoreBatch, _score_rows
     from kt_jax.model.attention import AttentionWindows
     from kt_jax.model.hf import config_from_hf
@@ -296,9 +296,8 @@ def plan_scoring(hf: dict[str, Any], max_len: int, dtype: str, mesh: Any, name: 
     graphdef, state = nnx.split(abstract_model(llama_cfg, mesh))
     state = _placed(state, state_shardings(state, mesh))
     batch, length = _global_batch(batch_size or DEFAULT_BATCH, mesh), DEFAULT_PACK_LEN
-    round_up = lambda n, m: -(-n // m) * m
-    q = round_up(min(max_len, MAX_GROUP_TOKENS), QUERY_ROUND)
-    w, s = round_up(length // q + 1, WINDOW_ROUND), q + QUERY_ROUND
+    q = ladder(min(max_len, MAX_GROUP_TOKENS), QUERY_ROUND)
+    w, s = ladder(length // q + 1, WINDOW_ROUND), ladder(q + QUERY_ROUND, QUERY_ROUND)
 
     def array(*shape: int, dtype: Any = np.int32) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=batch_sharding(mesh, len(shape) + 1))

@@ -31,9 +31,12 @@ from kt_jax.model.attention import AttentionWindows
 
 PACKINGS = ("shared", "packed", "padded")
 MIN_BUCKET = 32  # the shortest padded row
-QUERY_ROUND = 32  # window query and key slots are a multiple of this
-WINDOW_ROUND = 4  # windows per row are a multiple of this
-SCORED_ROUND = 128  # gathered LM-head positions per row are a multiple of this
+# Call shapes are rounded up to a few sizes, so a scoring pass compiles a handful of programs, and later passes over
+# similar data (the next stage, the next seed) find them in the compile cache: every distinct shape costs a trace,
+# a lowering and a compile (~1-1.5 s each for the world's and the benchmark's small models on 2 cores).
+QUERY_ROUND = 32  # window query and key slots: a size of `ladder(., QUERY_ROUND)`
+WINDOW_ROUND = 4  # windows per row: a size of `ladder(., WINDOW_ROUND)`
+SCORED_ROUND = 128  # gathered LM-head positions per row: a multiple of this and of an eighth of the row
 # A question with more fact tokens than this splits into several groups (each repeats the question): a window
 # costs Q x S scores, so one long group costs more attention than the extra question tokens cost matmuls.
 MAX_GROUP_TOKENS = 384
@@ -136,6 +139,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def ladder(n: int, smallest: int) -> int:
+    """The smallest size >= n of smallest x {1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, ...} (`smallest` a power of two):
+    at most 25% above n, four sizes an octave."""
+    octave = smallest
+    while octave * 2 < n:
+        octave *= 2
+    return next(octave * k // 4 for k in (4, 5, 6, 7, 8) if octave * k // 4 >= n)
+
+
 def row_length(used: int, pack_len: int) -> int:
     """Padded length of rows holding at most `used` tokens: a power of two from MIN_BUCKET up to 512, then a
     multiple of 512; never below `used`."""
@@ -152,10 +164,10 @@ def lay_out(call_rows: Sequence[list[Group]], n_rows: int, preamble: Sequence[in
         t = q = row_length(longest, pack_len)
     else:
         t = min(row_length(max(lengths), pack_len), max(pack_len, max(lengths)))
-        q = _round_up(max(longest, p), QUERY_ROUND)
+        q = ladder(max(longest, p), QUERY_ROUND)
     w = max(len(row) for row in call_rows) + (1 if p else 0)
-    w = w if packing == "padded" else _round_up(w, WINDOW_ROUND)
-    s = q if packing == "padded" else _round_up(p + q, QUERY_ROUND)  # aligned key slots: faster batched dots
+    w = w if packing == "padded" else ladder(w, WINDOW_ROUND)
+    s = q if packing == "padded" else ladder(p + q, QUERY_ROUND)  # multiples of 16: aligned for the batched dots
     ids, positions, targets = (np.zeros((n_rows, t), np.int32) for _ in range(3))
     scored_key = np.full((n_rows, t), -1, np.int64)
     query_idx, key_idx = np.zeros((n_rows, w, q), np.int32), np.zeros((n_rows, w, s), np.int32)
@@ -192,7 +204,7 @@ def lay_out(call_rows: Sequence[list[Group]], n_rows: int, preamble: Sequence[in
             at += n
             window += 1
     scored = scored_key >= 0
-    m = min(t, _round_up(max(int(scored.sum(1).max()), 1), SCORED_ROUND))
+    m = min(t, _round_up(max(int(scored.sum(1).max()), 1), max(SCORED_ROUND, t // 8)))
     gather_idx = np.zeros((n_rows, m), np.int32)
     pair_keys = np.full((n_rows, m), -1, np.int64)
     for r in range(n_rows):
