@@ -12,9 +12,9 @@ Host-side numpy only; `inference.scoring` runs what this builds. Three layouts, 
 - ``padded``: one pair per row, padded (the plain baseline).
 
 Rows hold groups next-fit in decreasing length, so a call's groups have similar lengths and its windows, all
-`Q` query slots long (the call's longest group, rounded up), waste little. Attention then costs each window's
-Q x (preamble + Q) scores instead of a row's T x T (`model.attention.AttentionWindows`). The LM head runs only on
-the scored positions, gathered to the front of each row.
+`Q` query slots long (the call's longest group, rounded up the `ladder`), waste little. Attention then costs each
+window's Q x (preamble + Q) scores instead of a row's T x T (`model.attention.AttentionWindows`). The LM head runs
+only on the scored positions, gathered to the front of each row.
 """
 
 from __future__ import annotations
