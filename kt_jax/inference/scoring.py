@@ -47,6 +47,7 @@ from kt_jax.inference.score_layout import (
     lay_out,
     rows,
 )
+from kt_jax.model.llama import stack_blocks
 from kt_jax.ops.logprobs import DEFAULT_CHUNK, token_logprobs
 from kt_jax.sharding import Throttle, batch_axis_size, to_device, to_host
 
@@ -54,6 +55,12 @@ __all__ = ["MIN_BUCKET", "PACKINGS", "PairScore", "ScoreBatch", "fact_perplexiti
            "score_facts", "sequence_logprobs", "warmup"]
 DEFAULT_BATCH = 1  # rows per call (rounded up to the mesh's batch ways): one long row per device
 DEFAULT_PACK_LEN = 4096  # tokens per row
+# Models whose blocks weigh at most this run them as one scanned body (`Llama.hidden_states(scanned=...)`, a stacked
+# copy of the blocks' weights): each distinct call shape then traces, lowers and loads one block, not every layer.
+# On the 42M benchmark model (8 layers, 2 cores) a warm `kt-jax score` spent ~6.5 s of ~30 on its 8 call shapes
+# unrolled, ~2.5 s scanned (docs/DESIGN.md). Larger models keep the unrolled program: no second copy of their
+# weights, and their compute dwarfs the per-shape cost.
+SCAN_MAX_BYTES = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +77,29 @@ class PairScore:
         return math.exp(-self.logprob / self.n_tokens) if self.n_tokens else math.nan
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _score_rows(graphdef: Any, state: Any, batch: ScoreBatch, *, chunk_size: int) -> jax.Array:
-    """Target log-probs [B, M] at the gathered scored positions (0 where invalid), attention inside the windows."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "block_graphdef", "chunk_size"))
+def _score_rows(graphdef: Any, state: Any, batch: ScoreBatch, stacked: Any = None, *, chunk_size: int,
+                block_graphdef: Any = None) -> jax.Array:
+    """Target log-probs [B, M] at the gathered scored positions (0 where invalid), attention inside the windows;
+    the blocks scanned when `stacked` (with `block_graphdef`, from `llama.stack_blocks`) is given."""
     model = nnx.merge(graphdef, state)
-    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, windows=batch.windows)
+    scanned = (block_graphdef, stacked) if stacked is not None else None
+    hidden_BxTxD = model.hidden_states(batch.input_ids, batch.positions, windows=batch.windows, scanned=scanned)
     hidden_BxMxD = jnp.take_along_axis(hidden_BxTxD, batch.gather_idx[:, :, None], axis=1)
     logp_BxM = token_logprobs(hidden_BxMxD, model.lm_head_kernel(), batch.gather_targets, chunk_size=chunk_size)
     return jnp.where(batch.gather_valid, logp_BxM, 0.0)
+
+
+def _split(model: nnx.Module) -> tuple[Any, Any, dict[str, Any]]:
+    """(graphdef, state, the scan arguments of `_score_rows`: empty unless the blocks are stacked, see
+    SCAN_MAX_BYTES)."""
+    graphdef, state = nnx.split(model)
+    layers = getattr(model, "layers", None)
+    block_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(layers))) if layers is not None else 0
+    stacked = stack_blocks(layers) if layers is not None and block_bytes <= SCAN_MAX_BYTES else None
+    if stacked is None:
+        return graphdef, state, {}
+    return graphdef, state, {"block_graphdef": stacked[0], "stacked": stacked[1]}
 
 
 def plan(
@@ -119,7 +141,7 @@ def score_encoded(model: nnx.Module, pairs: Sequence[tuple[list[int], list[int]]
     calls = plan(pairs, mesh=mesh, **layout)
     expected = {key: s.n_loss for c in calls for row in c.rows for g in row
                 for key, s in zip(g.keys, g.segments, strict=True)}
-    graphdef, state = nnx.split(model)
+    graphdef, state, scan = _split(model)
     sums, counts = np.zeros(len(pairs)), np.zeros(len(pairs), np.int64)
     bar = None
     if progress:
@@ -139,7 +161,7 @@ def score_encoded(model: nnx.Module, pairs: Sequence[tuple[list[int], list[int]]
     in_flight = Throttle(2, lambda item: collect(*item))  # one call runs while the next is prepared
     for call in calls:
         batch = to_device(call.inputs, mesh, process_local=False)
-        in_flight.push((_score_rows(graphdef, state, batch, chunk_size=chunk_size), call))
+        in_flight.push((_score_rows(graphdef, state, batch, chunk_size=chunk_size, **scan), call))
     in_flight.drain()
     if bar is not None:
         bar.close()
@@ -152,13 +174,14 @@ def score_encoded(model: nnx.Module, pairs: Sequence[tuple[list[int], list[int]]
 def warmup(model: nnx.Module, calls: Sequence[Call], *, mesh: Mesh | None = None,
            chunk_size: int = DEFAULT_CHUNK) -> int:
     """Compile every distinct call shape in `calls` (from `plan`) on dummy inputs; returns how many."""
-    graphdef, state = nnx.split(model)
+    graphdef, state, scan = _split(model)
     seen: dict[tuple[tuple[int, ...], ...], ScoreBatch] = {}
     for call in calls:
         seen.setdefault(tuple(np.shape(x) for x in jax.tree.leaves(call.inputs)), call.inputs)
     for inputs in seen.values():
         dummy = jax.tree.map(np.zeros_like, inputs)
-        to_host(_score_rows(graphdef, state, to_device(dummy, mesh, process_local=False), chunk_size=chunk_size))
+        to_host(_score_rows(graphdef, state, to_device(dummy, mesh, process_local=False), chunk_size=chunk_size,
+                            **scan))
     return len(seen)
 
 

@@ -225,6 +225,16 @@ def _rematerialised(block: Block, *args: Any, ctx: ShardContext | None = None) -
     return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a, ctx=ctx))(state, *args)
 
 
+def stack_blocks(layers: Any) -> tuple[Any, Any] | None:
+    """(one block's graphdef, every block's state stacked on a leading layer axis) for `hidden_states(scanned=...)`;
+    None when the blocks differ in structure (e.g. adapters on some layers only). The stack is a copy of the
+    blocks' weights."""
+    split = [nnx.split(block) for block in layers]
+    if not split or any(graphdef != split[0][0] for graphdef, _ in split[1:]):
+        return None
+    return split[0][0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in split))
+
+
 class KVCache(NamedTuple):
     """Per-layer keys/values [B, K, S, D] (RoPE applied; head-major) and which slots hold real tokens [B, S]."""
 
@@ -265,18 +275,30 @@ class Llama(nnx.Module):
         segment_ids_BxT: jax.Array | None = None,
         attn_mask_BxTxT: jax.Array | None = None,
         windows: AttentionWindows | None = None,
+        scanned: tuple[Any, Any] | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D] in the compute dtype.
 
         positions restart per packed segment (default 0..T-1); attention stays causal, inside equal
         segment ids, and inside `attn_mask` (e.g. grouped preference rows) when given; with `windows`
-        (prefix-shared fact scoring), exactly as the windows say.
+        (prefix-shared fact scoring), exactly as the windows say. With `scanned` (`stack_blocks` of this model's
+        layers) the blocks run as one `lax.scan` body instead of unrolled: the same numbers to float32 rounding,
+        and a program that traces, lowers and loads one block instead of every layer (inference only).
         """
         cfg, ctx = self.config, self.shard_ctx
         b, t = input_ids_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
         x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
+        if scanned is not None:
+            block_graphdef, stacked = scanned
+
+            def body(x: jax.Array, block_state: Any) -> tuple[jax.Array, None]:
+                x = nnx.merge(block_graphdef, block_state)(x, cos, sin, segment_ids_BxT, attn_mask_BxTxT, windows,
+                                                           ctx=ctx)
+                return _constrain(ctx, x, ("batch", "seq", "act_embed")), None
+
+            return self.norm(jax.lax.scan(body, x, stacked)[0])
         for block in self.layers:
             args = (x, cos, sin, segment_ids_BxT, attn_mask_BxTxT, windows)
             x = _rematerialised(block, *args, ctx=ctx) if cfg.remat else block(*args, ctx=ctx)
