@@ -248,3 +248,21 @@ def test_score_file_library_call_on_a_mesh_matches_the_command(bpe_model_dir, tm
         score_file(dataclasses.replace(cfg, max_len=64, dtype="bfloat16"), mesh=None, progress=False)
     with pytest.raises(ConfigError, match="packing: 'tight'"):
         score_file(dataclasses.replace(cfg, packing="tight"), mesh=None)
+
+
+def test_unrolled_blocks_match_the_scanned_blocks(llama3_dir, reference, monkeypatch) -> None:
+    """Small models score with their blocks stacked and scanned (`scoring.SCAN_MAX_BYTES`); larger ones unrolled.
+    Both give the one-pair-per-row numbers; blocks of different structure are never stacked."""
+    import kt_jax.inference.scoring as scoring
+    from kt_jax.model.llama import stack_blocks
+    from kt_jax.model.lora import LoRAConfig, apply_lora
+
+    model = load_pretrained(llama3_dir)
+    assert set(scoring._split(model)[2]) == {"block_graphdef", "stacked"}
+    monkeypatch.setattr(scoring, "SCAN_MAX_BYTES", -1)
+    assert scoring._split(model)[2] == {}
+    got = fact_perplexities(model, TOK, ITEMS, max_len=MAX_LEN, batch_size=3, progress=False)
+    _assert_same(got, reference, rtol=1e-6)
+    adapted = apply_lora(load_pretrained(llama3_dir), LoRAConfig())
+    assert stack_blocks([adapted.layers[0], model.layers[1]]) is None
+    assert stack_blocks(adapted.layers) is not None
