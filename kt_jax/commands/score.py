@@ -12,21 +12,25 @@ from kt_jax.inference.score_file import DTYPES, ScoreConfig, score_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command's options (one per ScoreConfig key, plus the mesh)."""
+    """The command's options (one per ScoreConfig key, its defaults, plus the mesh)."""
+    default = ScoreConfig()
     parser.add_argument("--model", required=True, help="HF Llama directory (the model being tuned)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model directory)")
     parser.add_argument("--input", required=True, help="facts.jsonl: rows with 'question' and 'facts'")
     parser.add_argument("--output", required=True, help="scored.jsonl (the config goes next to it)")
-    parser.add_argument("--template", default="alpaca", choices=["alpaca", "raw"], help="prompt built from question")
-    parser.add_argument("--style", default="llamafactory-0.5.3", help="alpaca template style")
-    parser.add_argument("--max-len", type=int, default=1024, help="prompt + fact token limit (longer facts are cut)")
-    parser.add_argument("--packing", default="shared", choices=["shared", "packed", "padded"],
+    parser.add_argument("--template", default=default.template, choices=["alpaca", "raw"],
+                        help="prompt built from question")
+    parser.add_argument("--style", default=default.style, help="alpaca template style")
+    parser.add_argument("--max-len", type=int, default=default.max_len,
+                        help="prompt + fact token limit (longer facts are cut)")
+    parser.add_argument("--packing", default=default.packing, choices=["shared", "packed", "padded"],
                         help="shared: prompt once per question, facts as sibling segments (fastest)")
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--batch-size", type=int, default=default.batch_size,
                         help="rows per jitted call (rounded up to the mesh's batch ways: one row per device)")
-    parser.add_argument("--pack-len", type=int, default=4096, help="tokens packed per row")
-    parser.add_argument("--chunk", type=int, default=256, help="input rows scored per write (resume granularity)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
+    parser.add_argument("--pack-len", type=int, default=default.pack_len, help="tokens packed per row")
+    parser.add_argument("--chunk", type=int, default=default.chunk,
+                        help="input rows scored per write (resume granularity)")
+    parser.add_argument("--dtype", default=default.dtype, choices=list(DTYPES), help="compute dtype")
     add_mesh_arguments(parser)
 
 

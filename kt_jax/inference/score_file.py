@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from kt_jax.data.resumable import ResumableJsonl
 from kt_jax.errors import ConfigError, DataError
+from kt_jax.inference.scoring import DEFAULT_BATCH, DEFAULT_PACK_LEN
 
 DTYPES = ("float32", "bfloat16")
 
@@ -36,8 +37,8 @@ class ScoreConfig:
     max_len: int = 1024                  # prompt + fact token limit (longer facts are cut)
     add_bos: bool = True                 # BOS before the prompt (as the training data's add_bos)
     packing: str = "shared"              # shared (prompt once per question) | packed | padded
-    batch_size: int = 1                  # rows per jitted call (rounded up to the mesh's batch ways)
-    pack_len: int = 4096                 # tokens packed per row (scoring.DEFAULT_BATCH / DEFAULT_PACK_LEN)
+    batch_size: int = DEFAULT_BATCH      # rows per jitted call (rounded up to the mesh's batch ways)
+    pack_len: int = DEFAULT_PACK_LEN     # tokens packed per row
     chunk: int = 256                     # input rows scored per write (the resume granularity)
     dtype: str = "float32"               # compute dtype: float32 | bfloat16
 
