@@ -232,7 +232,14 @@ def stack_blocks(layers: Any) -> tuple[Any, Any] | None:
     split = [nnx.split(block) for block in layers]
     if not split or any(graphdef != split[0][0] for graphdef, _ in split[1:]):
         return None
-    return split[0][0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in split))
+    return split[0][0], _stack_states([state for _, state in split])
+
+
+@jax.jit
+def _stack_states(states: list[Any]) -> Any:
+    # One program for every leaf: stacked eagerly, each leaf's stack was its own compiled op (0.3-0.7 s a call for
+    # the 42M model's 9 leaves on 2 cores, against ~0.08 s with a warm compile cache).
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 class KVCache(NamedTuple):
